@@ -1,0 +1,446 @@
+"""Configure a process for bit-identical work, and fingerprint its environment.
+
+:func:`configure` must run before the JAX backend starts (before the first array, jit call
+or ``jax.devices()``), because XLA reads ``XLA_FLAGS`` once, when the backend is created,
+and the CPU client sizes its thread pool from the cores the process may use at that moment.
+It sets:
+
+* ``XLA_FLAGS``: ``--xla_gpu_deterministic_ops=true`` (no atomics-based reductions or
+  scatters), ``--xla_gpu_exclude_nondeterministic_ops=true`` (no non-deterministic
+  algorithms), ``--xla_gpu_autotune_level=0`` (autotuning off: algorithm choice fixed instead
+  of picked by run-dependent timings) and
+  ``--xla_gpu_enable_scatter_determinism_expander=true``. An unknown flag aborts the process
+  inside XLA, so each flag is first tried in a subprocess against the installed jaxlib
+  (:func:`probe_xla_flags`, cached per jaxlib version); unknown ones are skipped and listed
+  in the fingerprint. The GPU flags are harmless on CPU (XLA parses them everywhere).
+* ``jax_default_matmul_precision = "highest"`` (no TF32 / bf16 passes),
+  ``jax_default_prng_impl = "threefry2x32"``, ``jax_threefry_partitionable = True`` and
+  ``jax_enable_x64 = False``, all explicit so environment variables cannot change them.
+* On CPU, optionally, an affinity pin (``cpu_cores``) and a thread count (``cpu_threads``):
+  XLA's CPU client sizes its intra-op pool from the allowed cores, and Eigen may split a
+  contraction by the number of threads, so CPU results can depend on the core count. This
+  jaxlib has no XLA flag for the intra-op thread count, so ``cpu_threads=N`` is realised by
+  pinning to N cores; ``cpu_threads=1`` also sets ``--xla_cpu_multi_thread_eigen=false``.
+
+It returns :func:`environment_fingerprint`, a JSON-serialisable dict for every manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = [
+    "DETERMINISTIC_XLA_FLAGS",
+    "FlagProbe",
+    "JAX_SETTINGS",
+    "SINGLE_THREAD_CPU_FLAGS",
+    "backend_initialized",
+    "configure",
+    "environment_fingerprint",
+    "probe_xla_flags",
+]
+
+#: XLA flags that make GPU work bit-reproducible (set where the installed XLA knows them).
+DETERMINISTIC_XLA_FLAGS = (
+    "--xla_gpu_deterministic_ops=true",
+    "--xla_gpu_exclude_nondeterministic_ops=true",
+    "--xla_gpu_autotune_level=0",
+    "--xla_gpu_enable_scatter_determinism_expander=true",
+)
+#: Extra flags for ``cpu_threads=1``: single-threaded Eigen contractions and convolutions.
+SINGLE_THREAD_CPU_FLAGS = ("--xla_cpu_multi_thread_eigen=false",)
+#: JAX configuration pinned by :func:`configure`.
+JAX_SETTINGS = {
+    "jax_default_matmul_precision": "highest",
+    "jax_default_prng_impl": "threefry2x32",
+    "jax_threefry_partitionable": True,
+    "jax_enable_x64": False,
+}
+_REPORTED_CONFIG = (*JAX_SETTINGS, "jax_platforms", "jax_numpy_dtype_promotion")
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
+_PLUGIN_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
+_PROBE_CODE = "import jax; jax.devices()"
+_PROBE_TIMEOUT_S = 300
+
+# What the last successful configure() applied; reported by environment_fingerprint().
+# Process-global by nature, like XLA_FLAGS itself.
+_applied: dict | None = None
+
+
+class FlagProbe(NamedTuple):
+    """Outcome of trying one ``XLA_FLAGS`` entry against the installed XLA."""
+
+    accepted: bool
+    detail: str
+
+
+# ----------------------------------------------------------------------------- flags
+def _flag_name(token: str) -> str:
+    return token.lstrip("-").split("=", 1)[0]
+
+
+def _parse_flags(text: str) -> list[str]:
+    return shlex.split(text or "")
+
+
+def _merge_flags(current: list[str], wanted: list[str]) -> list[str]:
+    """``current`` without entries named in ``wanted``, then ``wanted`` (last one wins in XLA)."""
+    names = {_flag_name(t) for t in wanted}
+    return [t for t in current if _flag_name(t) not in names] + list(wanted)
+
+
+def _flag_values(tokens: list[str]) -> dict[str, str]:
+    values = {}
+    for t in tokens:
+        name, _, value = t.lstrip("-").partition("=")
+        values[name] = value or "true"
+    return values
+
+
+def _cache_path(cache_dir: str | os.PathLike | None) -> Path:
+    base = cache_dir or os.environ.get("DETJAX_CACHE_DIR")
+    base = Path(base) if base else Path.home() / ".cache" / "detjax"
+    plugins = sorted(
+        f"{d.metadata['Name']}=={d.version}"
+        for d in importlib.metadata.distributions()
+        if (d.metadata["Name"] or "").lower().startswith(_PLUGIN_PREFIXES)
+    )
+    ident = json.dumps([sys.executable, plugins, os.environ.get("JAX_PLATFORMS", "")])
+    tag = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return base / f"xla_flags-jaxlib{_version('jaxlib')}-{tag}.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return {k: FlagProbe(bool(v["accepted"]), str(v["detail"])) for k, v in data.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # missing or corrupt: probe again
+
+
+def _write_cache(path: Path, results: dict[str, FlagProbe]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump({k: v._asdict() for k, v in sorted(results.items())}, f, indent=1)
+        os.replace(f.name, path)  # atomic: concurrent writers never leave a torn file
+    except OSError:
+        pass  # an unwritable cache only costs a re-probe next time
+
+
+def _run_probe(tokens: list[str]) -> tuple[int, str]:
+    env = dict(os.environ, XLA_FLAGS=" ".join(tokens), XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE_CODE], env=env, capture_output=True, text=True,
+            timeout=_PROBE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"probing XLA_FLAGS={' '.join(tokens)!r} timed out") from err
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _rejected(output: str, tokens: list[str]) -> dict[str, FlagProbe]:
+    """Entries XLA's fatal message names: unknown names (all listed) or a value it can't parse."""
+    out = {}
+    for line in output.splitlines():
+        message = line.split("] ", 1)[-1].strip()
+        if "Unknown flag" in message and ":" in message:
+            named = set(message.split(":", 1)[1].split())
+            reason = f"unknown to XLA in jaxlib {_version('jaxlib')}"
+            out.update({t: FlagProbe(False, reason) for t in tokens if t in named})
+        elif message.startswith("Couldn't interpret value"):
+            name = message.rstrip(".").rsplit(" ", 1)[-1]
+            out.update({t: FlagProbe(False, message) for t in tokens if _flag_name(t) == name})
+    return out
+
+
+def _probe_uncached(tokens: list[str]) -> dict[str, FlagProbe]:
+    """Try ``tokens`` together; drop the entries XLA names as bad and retry the rest.
+
+    Costs one subprocess when all are known and one more per round of rejections.
+    """
+    results: dict[str, FlagProbe] = {}
+    remaining = list(tokens)
+    while remaining:
+        code, output = _run_probe(remaining)
+        if code == 0:
+            results.update({t: FlagProbe(True, "accepted") for t in remaining})
+            break
+        rejected = _rejected(output, remaining)
+        if not rejected:
+            if len(remaining) == 1 and "parse_flags_from_env" in output:
+                results[remaining[0]] = FlagProbe(False, "rejected by XLA's flag parser")
+                break
+            if len(remaining) > 1:  # unattributed failure: fall back to one at a time
+                for t in remaining:
+                    results.update(_probe_uncached([t]))
+                break
+            raise RuntimeError(
+                f"could not probe XLA_FLAGS={remaining[0]!r}: `{sys.executable} -c "
+                f"{_PROBE_CODE!r}` exited with {code} for another reason:\n{output[-2000:]}"
+            )
+        results.update(rejected)
+        remaining = [t for t in remaining if t not in rejected]
+    return results
+
+
+def probe_xla_flags(
+    flags: Iterable[str], *, cache_dir: str | os.PathLike | None = None
+) -> dict[str, FlagProbe]:
+    """Whether the installed XLA accepts each ``XLA_FLAGS`` entry, without risking this process.
+
+    Uncached entries are tried in a fresh interpreter (``import jax; jax.devices()`` with only
+    those ``XLA_FLAGS``): XLA aborts on an unknown name or a bad value and names the culprits,
+    which are marked rejected before the rest are tried again (one subprocess, ~1-3 s, when
+    all are known). Results
+    are cached in ``$DETJAX_CACHE_DIR`` (default ``~/.cache/detjax``) in a file keyed by the
+    jaxlib version, the Python executable and installed GPU plugins.
+    """
+    flags = list(dict.fromkeys(flags))
+    for t in flags:
+        if not t.startswith("--") or " " in t:
+            raise ValueError(f"XLA flag must look like '--name=value', got {t!r}")
+    path = _cache_path(cache_dir)
+    cache = _read_cache(path)
+    todo = [t for t in flags if t not in cache]
+    if todo:
+        cache.update(_probe_uncached(todo))
+        _write_cache(path, cache)
+    return {t: cache[t] for t in flags}
+
+
+# ----------------------------------------------------------------------------- backend
+def backend_initialized() -> bool:
+    """Whether JAX has created its backends (after which XLA_FLAGS no longer apply)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # no public equivalent in jax 0.10
+
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def _allowed_cores() -> list[int] | None:
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return sorted(os.sched_getaffinity(0))
+
+
+def _target_cores(cpu_cores, cpu_threads) -> list[int] | None:
+    if cpu_threads is not None:
+        if isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be a positive int, got {cpu_threads!r}")
+    if cpu_cores is None and cpu_threads is None:
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError(
+            f"cpu_cores={cpu_cores!r} / cpu_threads={cpu_threads!r} need os.sched_setaffinity, "
+            f"which {platform.system()} does not provide"
+        )
+    if cpu_cores is not None:
+        cores = sorted(set(cpu_cores))
+        bad = [c for c in cores if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+        if not cores or bad:
+            raise ValueError(f"cpu_cores must be a non-empty set of core ids >= 0, got {cpu_cores!r}")
+        if cpu_threads is not None and cpu_threads != len(cores):
+            raise ValueError(
+                f"cpu_threads={cpu_threads} disagrees with {len(cores)} cpu_cores {cores}"
+            )
+        return cores
+    allowed = _allowed_cores()
+    if cpu_threads > len(allowed):
+        raise ValueError(
+            f"cpu_threads={cpu_threads} but the process may only use {len(allowed)} cores {allowed}"
+        )
+    return allowed[:cpu_threads]
+
+
+def _refuse(reason: str) -> RuntimeError:
+    return RuntimeError(
+        "detjax.determinism.configure() must run before the JAX backend starts, and the "
+        f"backend is already initialised with other settings: {reason}. Call configure() "
+        "first thing in the program (before any jax array, jit call or jax.devices()), or "
+        "run the work in a fresh process."
+    )
+
+
+# ----------------------------------------------------------------------------- configure
+def configure(
+    *,
+    cpu_threads: int | None = None,
+    cpu_cores: Iterable[int] | None = None,
+    deterministic: bool = True,
+    extra_xla_flags: Iterable[str] = (),
+    check_flags: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Configure this process for bit-identical work and return its environment fingerprint.
+
+    Args:
+      cpu_threads: pin to this many cores (the first of ``cpu_cores`` or of the currently
+        allowed cores); ``1`` also makes Eigen single-threaded. ``None``: unchanged.
+      cpu_cores: core ids for ``os.sched_setaffinity``. ``None``: unchanged.
+      deterministic: set :data:`DETERMINISTIC_XLA_FLAGS`. ``False`` leaves XLA's defaults
+        (for negative controls); JAX settings are pinned either way.
+      extra_xla_flags: more ``--name=value`` entries for ``XLA_FLAGS``.
+      check_flags: probe flags against the installed XLA (:func:`probe_xla_flags`) and skip
+        unknown ones. ``False`` sets them unchecked (an unknown one then aborts the process).
+      cache_dir: probe cache directory (default ``$DETJAX_CACHE_DIR`` or ``~/.cache/detjax``).
+
+    Returns:
+      :func:`environment_fingerprint`, which includes what was applied and skipped. This
+      starts the backend, so later calls can only confirm the same settings.
+
+    Raises:
+      RuntimeError: the backend is already initialised and ``XLA_FLAGS`` or the CPU
+        affinity in effect differ from what this call would set. A repeated call with the
+        same settings is fine.
+      ValueError: bad ``cpu_cores``/``cpu_threads``/flags.
+    """
+    global _applied
+    cores = _target_cores(cpu_cores, cpu_threads)
+    wanted = list(DETERMINISTIC_XLA_FLAGS) if deterministic else []
+    if cpu_threads == 1:
+        wanted += SINGLE_THREAD_CPU_FLAGS
+    wanted = list(dict.fromkeys([*wanted, *extra_xla_flags]))
+    if check_flags:
+        probes = probe_xla_flags(wanted, cache_dir=cache_dir)
+    else:
+        probes = {t: FlagProbe(True, "not probed (check_flags=False)") for t in wanted}
+    applied = [t for t in wanted if probes[t].accepted]
+    skipped = [{"flag": t, "reason": probes[t].detail} for t in wanted if not probes[t].accepted]
+
+    current = _parse_flags(os.environ.get("XLA_FLAGS", ""))
+    if backend_initialized():
+        in_effect = _flag_values(current)
+        differ = {
+            name: (in_effect.get(name), value)
+            for name, value in _flag_values(applied).items()
+            if in_effect.get(name) != value
+        }
+        if differ:
+            detail = ", ".join(
+                f"--{k}: in effect {have!r}, wanted {want!r}" for k, (have, want) in differ.items()
+            )
+            raise _refuse(f"XLA_FLAGS differ ({detail})")
+        if cores is not None and _allowed_cores() != cores:
+            raise _refuse(f"allowed cores are {_allowed_cores()}, wanted {cores}")
+    else:
+        os.environ["XLA_FLAGS"] = " ".join(_merge_flags(current, applied))
+        if cores is not None:
+            try:
+                os.sched_setaffinity(0, cores)
+            except OSError as err:
+                raise ValueError(f"cannot pin the process to cpu_cores {cores}: {err}") from err
+
+    import jax
+
+    for name, value in JAX_SETTINGS.items():
+        jax.config.update(name, value)
+    _applied = {
+        "deterministic": bool(deterministic),
+        "xla_flags_applied": applied,
+        "xla_flags_skipped": skipped,
+        "flags_probed": bool(check_flags),
+        "cpu_threads": cpu_threads,
+        "cpu_cores": cores,
+        "jax_settings": dict(JAX_SETTINGS),
+    }
+    return environment_fingerprint()
+
+
+# ----------------------------------------------------------------------------- fingerprint
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _cuda_versions() -> dict | None:
+    """CUDA runtime/driver and library versions from the CUDA plugin, where present."""
+    try:
+        from jax._src.lib import cuda_versions
+    except ImportError:
+        return None
+    if cuda_versions is None:
+        return None
+    out = {}
+    for name in sorted(dir(cuda_versions)):
+        if name.endswith(("_get_version", "_build_version")):
+            try:
+                out[name] = getattr(cuda_versions, name)()
+            except Exception:  # a library missing at runtime is itself worth recording
+                out[name] = None
+    return out
+
+
+def _backend_info() -> dict:
+    import jax
+
+    devices = jax.devices()
+    info = {
+        "platform": jax.default_backend(),
+        "platform_version": devices[0].client.platform_version,
+        "device_count": len(devices),
+        "device_kinds": sorted({d.device_kind for d in devices}),
+    }
+    capability = getattr(devices[0], "compute_capability", None)
+    if capability is not None:
+        info["compute_capability"] = str(capability)
+    if info["platform"] in ("gpu", "cuda"):
+        info["cuda"] = _cuda_versions()
+    return info
+
+
+def environment_fingerprint() -> dict:
+    """Versions, backend, device, flags, JAX settings and CPU affinity of this process.
+
+    JSON-serialisable; deliberately without hostname or user. Starts the JAX backend if it
+    has not started (call :func:`configure` first). ``determinism`` is what :func:`configure`
+    applied in this process, or ``None``.
+    """
+    import jax
+
+    cores = _allowed_cores()
+    return {
+        "python": {
+            "version": platform.python_version(),
+            "implementation": platform.python_implementation(),
+        },
+        "packages": {name: _version(name) for name in _PACKAGES},
+        "os": {"system": platform.system(), "release": platform.release(),
+               "machine": platform.machine()},
+        "cpu": {"model": _cpu_model(), "count": os.cpu_count(), "allowed_cores": cores},
+        "backend": _backend_info(),
+        "xla_flags": _parse_flags(os.environ.get("XLA_FLAGS", "")),
+        "jax_config": {name: _jsonable(getattr(jax.config, name, None))
+                       for name in _REPORTED_CONFIG},
+        "determinism": json.loads(json.dumps(_applied)) if _applied is not None else None,
+    }
+
+
+def _jsonable(value):
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)

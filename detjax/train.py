@@ -1,0 +1,552 @@
+"""The deterministic training engine.
+
+* :class:`TrainConfig` is the whole recipe as plain data; its SHA-256
+  (:meth:`TrainConfig.hash`) identifies a run.
+* :class:`TrainState` is the whole training state as one explicit pytree: params,
+  BatchNorm statistics, optimizer state, step, epoch, position in the epoch's batch order
+  and the raw PRNG key. Hashing it (``detjax.hashing``) is the proof of identity.
+* :func:`make_train_step` returns ``train_step(state, batch) -> (state, metrics)``, a pure
+  jitted function; the epoch loop only gathers batches from device-resident arrays in the
+  order :mod:`detjax.ordering` computes.
+* :func:`train_and_evaluate` runs a config end to end: initial state, golden or seeded
+  order, per-epoch cosine schedule, validation at the protocol's epochs, best-validation
+  selection, test evaluation, verified orbax checkpoints (resumable bit for bit), a
+  ``manifest.json``, a ``result.json`` and a training-curve PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from detjax import hashing, manifest as manifest_lib, ordering
+
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "TaskData",
+    "RunDirectoryError",
+    "weighted_bce_with_logits",
+    "softmax_cross_entropy",
+    "pos_weights",
+    "cosine_per_epoch",
+    "make_optimizer",
+    "create_train_state",
+    "make_train_step",
+    "make_predict",
+    "predict",
+    "protocol_eval_epochs",
+    "train_and_evaluate",
+]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe. Everything here goes into the config hash.
+
+    Defaults are the PTB-XL protocol of METHOD.md §7 (Adam 1e-3, cosine over 85 epochs
+    stepped per epoch, batch 128, class-weighted BCE with logits clamped to ±50).
+    """
+
+    task: str = "ptbxl"
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    arch: str = "conformer"
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    init: str = "mixed"
+    variant: str = "reference"
+    order: str = "golden"
+    seed: int = 0
+    epochs: int = 85
+    schedule_epochs: int | None = None
+    batch_size: int = 128
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    loss: str = "weighted_bce"
+    logit_clamp: float = 50.0
+    eval_every: int = 10
+    augment: bool = False
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        checks = [
+            (self.order in ("golden", "seeded"), f"order must be 'golden' or 'seeded', got {self.order!r}"),
+            (self.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}"),
+            (self.loss in ("weighted_bce", "bce", "ce"), f"loss must be weighted_bce, bce or ce, got {self.loss!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def cosine_epochs(self) -> int:
+        return self.schedule_epochs or self.epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON of the config (sorted keys, no whitespace)."""
+        return manifest_lib.json_sha256(self.to_dict())
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The whole training state: everything a resumed run needs to continue bit for bit."""
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jax.Array       # int32: optimizer updates done
+    epoch: jax.Array      # int32: epoch in progress (== finished epochs at an epoch boundary)
+    position: jax.Array   # int32: batches of the current epoch already consumed
+    rng: jax.Array        # uint32[2]: raw threefry key data for dropout/augmentation
+
+    def variables(self) -> dict:
+        out = {"params": self.params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Arrays of one task, already normalised, plus what evaluation needs.
+
+    ``evaluate(y_true, scores) -> dict`` must return a ``"score"`` entry, the quantity
+    maximised by best-validation selection (macro AUC for PTB-XL). ``order_keys`` are the
+    golden content keys (``ordering.golden_content_keys``); ``None`` means index keys.
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    labels: tuple[str, ...]
+    evaluate: Callable[[np.ndarray, np.ndarray], dict]
+    order_keys: Any = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """SHA-256/MD5 of the arrays actually used, plus their shapes."""
+        arrays = {f"{split}_{part}": getattr(self, f"{split}_{part}")
+                  for split in ("train", "val", "test") for part in ("x", "y")}
+        return {**hashing.tree_digests(arrays),
+                "shapes": {k: list(v.shape) for k, v in sorted(arrays.items())}}
+
+
+class RunDirectoryError(ValueError):
+    """The run directory already holds another run (nothing is overwritten)."""
+
+
+# ---------------------------------------------------------------------- pure pieces
+
+
+def weighted_bce_with_logits(logits: jax.Array, labels: jax.Array, pos_weight: jax.Array,
+                             clamp: float = 50.0) -> jax.Array:
+    r"""Class-weighted binary cross-entropy on clamped logits, averaged over all entries.
+
+    .. math::
+        z = \mathrm{clip}(\text{logits}, -c, c), \quad
+        \ell = -\frac{1}{BC}\sum_{b,c} \big[w_c\, y_{bc} \log\sigma(z_{bc})
+               + (1 - y_{bc}) \log(1 - \sigma(z_{bc}))\big]
+
+    This is PyTorch's ``BCEWithLogitsLoss(pos_weight=w)`` after ``clamp(-c, c)``.
+    """
+    z = jnp.clip(logits, -clamp, clamp)
+    per_entry = pos_weight * labels * jax.nn.log_sigmoid(z) + (1.0 - labels) * jax.nn.log_sigmoid(-z)
+    return -jnp.mean(per_entry)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    r"""Mean cross-entropy with integer labels: :math:`-\frac1B\sum_b \log\mathrm{softmax}(z_b)_{y_b}`."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(-1)))
+
+
+def pos_weights(y_train: np.ndarray) -> np.ndarray:
+    r"""Per-class positive weights :math:`w_c = \sqrt{N / \max(n_c, 1)}` (METHOD.md §7), float32."""
+    y = np.asarray(y_train)
+    counts = y.sum(axis=0, dtype=np.float64)
+    return np.sqrt(y.shape[0] / np.maximum(counts, 1.0)).astype(np.float32)
+
+
+def cosine_per_epoch(base_lr: float, total_epochs: int, steps_per_epoch: int) -> optax.Schedule:
+    r"""Cosine annealing stepped once per epoch, constant within an epoch.
+
+    .. math:: \eta(t) = \eta_0 \cdot \tfrac12\big(1 + \cos(\pi\, e / E)\big), \quad
+              e = \min(\lfloor t / S \rfloor, E - 1)
+
+    (PyTorch's ``CosineAnnealingLR(T_max=E)`` stepped per epoch). The E values are computed
+    once in float64 on the host and rounded to float32, so every platform uses the same
+    learning rates.
+    """
+    table = np.array([base_lr * 0.5 * (1.0 + math.cos(math.pi * e / total_epochs))
+                      for e in range(total_epochs)], dtype=np.float32)
+
+    def schedule(count):
+        epoch = jnp.minimum(count // steps_per_epoch, total_epochs - 1)
+        return jnp.asarray(table)[epoch]
+
+    return schedule
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (ECG) or SGD + momentum + decoupled-from-nothing L2 weight decay (images).
+
+    SGD adds ``weight_decay * params`` to the gradient before momentum, as PyTorch does.
+    """
+    lr = cosine_per_epoch(config.learning_rate, config.cosine_epochs, steps_per_epoch)
+    if config.optimizer == "adam":
+        tx = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+        if config.weight_decay:
+            tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+        return tx
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(lr, momentum=config.momentum))
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_x: np.ndarray,
+                       seed: int) -> TrainState:
+    """Initial state. Structured initializers ignore the key; Kaiming ones draw from ``seed``."""
+    key = jax.random.key(seed)
+    params_key, dropout_key, state_key = jax.random.split(key, 3)
+    variables = jax.jit(lambda x: model.init({"params": params_key, "dropout": dropout_key}, x,
+                                             train=False))(jnp.asarray(sample_x))
+    variables = flax.core.unfreeze(variables)
+    params = variables.pop("params")
+    batch_stats = variables.pop("batch_stats", {})
+    return TrainState(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        step=jnp.int32(0),
+        epoch=jnp.int32(0),
+        position=jnp.int32(0),
+        rng=jax.random.key_data(state_key),
+    )
+
+
+def _sown_losses(collections: Mapping[str, Any]) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(collections.get("losses", {}))
+    return sum(leaves, jnp.float32(0.0))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
+                    pos_weight: np.ndarray | None = None,
+                    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None):
+    """``train_step(state, batch) -> (state, metrics)``, pure and jitted (state donated).
+
+    ``batch`` is ``{"x", "y"}`` plus ``"index"`` (the samples' dataset indices) when
+    ``augment(x, index, epoch)`` is given. Dropout draws from
+    ``fold_in(state.rng, state.step)``, so the randomness is a function of the step alone.
+    The loss adds every value the model sowed into its ``"losses"`` collection.
+    """
+    weight = None if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
+
+    def data_loss(logits, y):
+        if config.loss == "ce":
+            return softmax_cross_entropy(logits, y)
+        w = weight if config.loss == "weighted_bce" else jnp.ones(logits.shape[-1], jnp.float32)
+        return weighted_bce_with_logits(logits, y, w, config.logit_clamp)
+
+    def loss_fn(params, state: TrainState, x, y, dropout_key):
+        variables = {"params": params}
+        mutable = ["losses"]
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+            mutable.append("batch_stats")
+        logits, updated = model.apply(variables, x, train=True, rngs={"dropout": dropout_key},
+                                      mutable=mutable)
+        main = data_loss(logits, y)
+        aux = _sown_losses(updated)
+        return main + aux, (main, aux, updated.get("batch_stats", state.batch_stats))
+
+    def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
+        x = batch["x"]
+        if augment is not None:
+            x = augment(x, batch["index"], state.epoch)
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grads, (main, aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+            state.params, state, x, batch["y"], dropout_key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            step=state.step + 1,
+            position=state.position + 1,
+        )
+        return new_state, {"loss": main + aux, "data_loss": main, "aux_loss": aux,
+                           "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step_fn, donate_argnums=0)
+
+
+def make_predict(model: nn.Module, config: TrainConfig):
+    """``predict_batch(variables, x) -> scores``: sigmoid (BCE losses) or softmax (CE), jitted."""
+
+    def predict_fn(variables, x):
+        logits = model.apply(variables, x, train=False)
+        return jax.nn.softmax(logits) if config.loss == "ce" else jax.nn.sigmoid(logits)
+
+    return jax.jit(predict_fn)
+
+
+def predict(predict_batch, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Scores for all of ``x``; the last batch is zero-padded to ``batch_size`` (one compile)."""
+    outputs = []
+    for start in range(0, x.shape[0], batch_size):
+        chunk = x[start:start + batch_size]
+        n = chunk.shape[0]
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        outputs.append(np.asarray(predict_batch(variables, chunk))[:n])
+    return np.concatenate(outputs)
+
+
+def protocol_eval_epochs(epochs: int, every: int = 10) -> list[int]:
+    """Epochs (0-based, after training that epoch) at which validation runs: 0, every, 2·every, …
+    and always the last one (85 epochs → 0, 10, …, 80, 84)."""
+    return sorted(set(range(0, epochs, every)) | {epochs - 1})
+
+
+# ----------------------------------------------------------------------- the driver
+
+
+def _state_dict(state: TrainState) -> dict:
+    return flax.serialization.to_state_dict(state)
+
+
+def _host_copy(tree):
+    return jax.tree_util.tree_map(lambda a: np.array(jax.device_get(a)), tree)
+
+
+def initial_best(state: TrainState) -> dict:
+    """The best-validation record before any evaluation (also the checkpoint restore target).
+
+    Scalars are 0-d arrays, not numpy scalars, which orbax cannot restore into.
+    """
+    return {"params": state.params, "batch_stats": state.batch_stats,
+            "epoch": np.array(-1, np.int32), "score": np.array(-np.inf, np.float32)}
+
+
+def _make_order_fn(config: TrainConfig, data: TaskData):
+    n = data.train_x.shape[0]
+    if config.order == "seeded":
+        return lambda epoch: np.asarray(ordering.seeded_order(n, config.seed, epoch))
+    keys = data.order_keys if data.order_keys is not None else ordering.golden_index_keys(n)
+    return lambda epoch: np.asarray(ordering.epoch_order(keys, epoch))
+
+
+def _epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [order[i:i + batch_size] for i in range(0, order.shape[0], batch_size)]
+
+
+def _check_run_dir(workdir: Path, config_hash: str, resume: bool) -> None:
+    manifest_path = workdir / "manifest.json"
+    if not manifest_path.exists():
+        leftovers = [p.name for p in workdir.iterdir()] if workdir.exists() else []
+        if leftovers and not resume:
+            raise RunDirectoryError(
+                f"run directory {workdir} is not empty ({', '.join(sorted(leftovers)[:5])}) and holds "
+                "no detjax manifest; choose an empty or new --out")
+        return
+    previous = json.loads(manifest_path.read_text())
+    if previous.get("config_hash") != config_hash:
+        raise RunDirectoryError(
+            f"run directory {workdir} holds a run with config hash {previous.get('config_hash')}, "
+            f"not {config_hash}; nothing was overwritten. Choose another --out")
+    if not resume:
+        what = "a finished" if previous.get("status") == "finished" else "an unfinished"
+        raise RunDirectoryError(
+            f"run directory {workdir} already holds {what} run of this config; nothing was "
+            "overwritten. Pass --resume to continue it, `python -m detjax verify` to re-check "
+            "it, or choose another --out")
+
+
+def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path, *,
+                       model: nn.Module | None = None, resume: bool = True,
+                       environment: dict | None = None, progress: bool = True,
+                       augment: Callable | None = None, stop_after_epoch: int | None = None,
+                       ) -> dict[str, Any]:
+    """Trains ``config`` on ``data`` and writes the run directory ``workdir``.
+
+    Checkpoints are written after every epoch. With ``resume=True`` (default) an existing
+    checkpoint of the same config is restored, verified and continued; the final state is
+    then bit-identical to an uninterrupted run. ``stop_after_epoch`` ends early (used to
+    test interruption) without writing results.
+
+    Returns the result dictionary also written to ``result.json``.
+    """
+    from detjax.checkpoint import Checkpointer
+    from detjax.models import get_model
+
+    t_start = time.perf_counter()
+    workdir = Path(workdir).absolute()
+    config_hash = config.hash()
+    _check_run_dir(workdir, config_hash, resume)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if environment is None:
+        from detjax.determinism import environment_fingerprint
+        environment = environment_fingerprint()
+
+    if model is None:
+        model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
+                          variant=config.variant, **dict(config.model))
+    n_train = data.train_x.shape[0]
+    batches_per_epoch = math.ceil(n_train / config.batch_size)
+    tx = make_optimizer(config, batches_per_epoch)
+    weight = pos_weights(data.train_y) if config.loss == "weighted_bce" else None
+    train_step = make_train_step(model, tx, config, weight, augment)
+    predict_batch = make_predict(model, config)
+    order_fn = _make_order_fn(config, data)
+    eval_epochs = protocol_eval_epochs(config.epochs, config.eval_every)
+
+    init_state = create_train_state(model, tx, data.train_x[:1], config.seed)
+    init_digests = hashing.tree_digests(_state_dict(init_state))
+    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_state.params)))
+    data_fingerprint = data.fingerprint()
+
+    run_manifest = manifest_lib.new_manifest(
+        config=config.to_dict(), config_hash=config_hash, data_fingerprint=data_fingerprint,
+        environment=environment, init_digests=init_digests, n_params=n_params,
+        data_info=data.info)
+    manifest_lib.write_json_atomic(workdir / "manifest.json", run_manifest)
+
+    device_count = 1
+    checkpointer = Checkpointer(workdir / "checkpoints", config_hash=config_hash,
+                                device_count=device_count)
+    best = initial_best(init_state)
+    history: list[dict[str, Any]] = []
+    state = init_state
+    restored = checkpointer.restore_latest(_state_dict(init_state), best) if resume else None
+    if restored is not None:
+        state_dict, best, sidecar = restored
+        state = flax.serialization.from_state_dict(init_state, state_dict)
+        history = list(sidecar.get("history", []))
+        run_manifest.setdefault("resumed_from", []).append(
+            {"step": sidecar["step"], "state_sha256": sidecar["state_sha256"]})
+    state = jax.device_put(state)
+
+    train_x = jax.device_put(data.train_x)
+    train_y = jax.device_put(data.train_y)
+    gather = jax.jit(lambda a, idx: a[idx])
+
+    start_epoch = int(state.epoch)
+    bar = _progress(total=config.epochs * batches_per_epoch, initial=int(state.step), enabled=progress,
+                    desc=f"{config.arch}/{config.init}")
+    metrics = None
+    for epoch in range(start_epoch, config.epochs):
+        order = order_fn(epoch)
+        losses = []
+        for i, idx in enumerate(_epoch_batches(order, config.batch_size)):
+            if i < int(state.position):
+                continue
+            idx_dev = jnp.asarray(idx, jnp.int32)
+            batch = {"x": gather(train_x, idx_dev), "y": gather(train_y, idx_dev), "index": idx_dev}
+            state, metrics = train_step(state, batch)
+            losses.append(metrics["loss"])
+            bar.update(1)
+        epoch_loss = float(np.mean(jax.device_get(losses))) if losses else float("nan")
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(f"training loss became {epoch_loss} in epoch {epoch}")
+        state = state.replace(epoch=state.epoch + 1, position=jnp.int32(0))
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": epoch_loss,
+                                  "lr": float(tx_lr(config, batches_per_epoch, epoch))}
+        if epoch in eval_epochs:
+            scores = predict(predict_batch, state.variables(), data.val_x, config.eval_batch_size)
+            val = data.evaluate(data.val_y, scores)
+            record["val"] = val
+            if val["score"] > float(best["score"]):
+                best = {"params": _host_copy(state.params), "batch_stats": _host_copy(state.batch_stats),
+                        "epoch": np.array(epoch, np.int32), "score": np.array(val["score"], np.float32)}
+            bar.set_postfix(loss=f"{epoch_loss:.4f}", val=f"{val['score']:.4f}")
+        else:
+            bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        history.append(record)
+        checkpointer.save(epoch + 1, _state_dict(state), best, {"history": history})
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            bar.close()
+            checkpointer.close()
+            return {"stopped_after_epoch": epoch}
+    bar.close()
+    checkpointer.close()
+
+    final_digests = hashing.tree_digests(_state_dict(state))
+    best_variables = {"params": best["params"]}
+    if best["batch_stats"]:
+        best_variables["batch_stats"] = best["batch_stats"]
+    test_scores = predict(predict_batch, best_variables, data.test_x, config.eval_batch_size)
+    test = data.evaluate(data.test_y, test_scores)
+    wall = time.perf_counter() - t_start
+
+    result = {
+        **{k: v for k, v in test.items() if k != "score"},
+        "test_score": test["score"],
+        "best_epoch": int(best["epoch"]),
+        "best_val_score": float(best["score"]),
+        "init_sha256": init_digests["sha256"],
+        "init_md5": init_digests["md5"],
+        "final_sha256": final_digests["sha256"],
+        "final_md5": final_digests["md5"],
+        "best_params_sha256": hashing.tree_sha256({"params": best["params"],
+                                                   "batch_stats": best["batch_stats"]}),
+        "n_params": n_params,
+        "labels": list(data.labels),
+        "epochs": config.epochs,
+        "config_hash": config_hash,
+        "wall_time_s": wall,
+        "run_dir": str(workdir),
+    }
+    run_manifest.update(status="finished", final_digests=final_digests, metrics=result,
+                        history=history, wall_time_s=wall)
+    manifest_lib.write_json_atomic(workdir / "result.json", result)
+    manifest_lib.write_json_atomic(workdir / "manifest.json", run_manifest)
+    try:
+        from detjax.plots import plot_training_curve
+        plot_training_curve(history, workdir / "training_curve.png",
+                            title=f"{config.task} {config.arch} init={config.init} order={config.order}")
+    except ImportError:  # matplotlib is the optional `plots` extra
+        pass
+    return result
+
+
+def tx_lr(config: TrainConfig, steps_per_epoch: int, epoch: int) -> float:
+    """The learning rate used during ``epoch`` (for the history)."""
+    return float(cosine_per_epoch(config.learning_rate, config.cosine_epochs, steps_per_epoch)(
+        epoch * steps_per_epoch))
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
+                dynamic_ncols=True)

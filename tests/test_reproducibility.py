@@ -1,0 +1,119 @@
+"""Bit-identity across fresh processes, kill -9 and resume, and `python -m detjax verify`.
+
+Every run here is a separate interpreter pinned to one CPU thread (CPU results depend on
+the thread count), exactly as a user would run it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = {
+    "task": "synthetic",
+    "data": {"n_train": 192, "n_val": 32, "n_test": 32, "length": 256, "leads": 12, "num_classes": 4, "seed": 3},
+    "arch": "tiny",
+    "init": "mixed",
+    "epochs": 4,
+    "batch_size": 16,
+    "eval_every": 2,
+}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "detjax", *args], cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"detjax {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _train(config_path, out, *extra):
+    proc = _cli("run", str(config_path), "--out", str(out), "--no-progress", "--cpu-threads", "1", *extra)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "config.json"
+    path.write_text(json.dumps(CONFIG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(config_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "reference"
+    return out, _train(config_path, out)
+
+
+def test_two_fresh_processes_give_identical_final_hashes(config_path, reference_run, tmp_path):
+    _, first = reference_run
+    second = _train(config_path, tmp_path / "second")
+    assert second["final_sha256"] == first["final_sha256"]
+    assert second["init_sha256"] == first["init_sha256"]
+
+
+def test_manifest_records_the_environment(reference_run):
+    out, _ = reference_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    env = manifest["environment"]
+    for key in ("jax", "jaxlib", "backend"):
+        assert key in json.dumps(env), key
+    assert manifest["data_fingerprint"]["sha256"]
+
+
+def test_kill_9_then_resume_equals_uninterrupted(config_path, reference_run, tmp_path):
+    _, reference = reference_run
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), "--no-progress",
+         "--cpu-threads", "1"], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = out / "checkpoints" / "1" / "commit_success.txt"
+    deadline = time.monotonic() + 300
+    while not first_checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not (out / "result.json").exists():
+        assert proc.returncode == -signal.SIGKILL
+        assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    resumed = _train(config_path, out, "--resume")
+    assert resumed["final_sha256"] == reference["final_sha256"]
+
+
+def test_verify_reports_identical(reference_run):
+    out, _ = reference_run
+    proc = _cli("verify", str(out))
+    assert proc.stdout.strip().splitlines()[-1] == "identical"
+
+
+def test_verify_reports_the_first_differing_leaf(reference_run, tmp_path):
+    out, _ = reference_run
+    tampered = tmp_path / "tampered"
+    import shutil
+
+    shutil.copytree(out, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["final_digests"]["sha256"] = "0" * 64
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    proc = _cli("verify", str(tampered), check=False)
+    assert proc.returncode == 1
+    assert "DIFFERENT" in proc.stdout
+
+
+def test_verify_refuses_a_non_run_directory(tmp_path):
+    proc = _cli("verify", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert "manifest.json does not exist" in proc.stderr

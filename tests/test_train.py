@@ -1,0 +1,217 @@
+"""Training engine: pure pieces, the train step, run directories and checkpoints (in process)."""
+
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detjax import hashing, tasks
+from detjax.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from detjax.models.tiny import TinyECG
+from detjax.train import (
+    RunDirectoryError,
+    TrainConfig,
+    cosine_per_epoch,
+    create_train_state,
+    make_optimizer,
+    make_train_step,
+    pos_weights,
+    protocol_eval_epochs,
+    train_and_evaluate,
+    weighted_bce_with_logits,
+)
+
+SMALL_DATA = {"n_train": 40, "n_val": 24, "n_test": 24, "length": 64, "leads": 3, "num_classes": 4, "seed": 1}
+
+
+def small_config(**overrides):
+    base = dict(task="synthetic", data=SMALL_DATA, arch="tiny", init="mixed", epochs=3, batch_size=16,
+                eval_every=1)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_weighted_bce_matches_direct_formula():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(5, 3)).astype(np.float32) * 30
+    z[0, 0] = 200.0  # clamped to 50
+    y = (rng.random((5, 3)) < 0.4).astype(np.float32)
+    w = np.array([1.0, 2.0, 0.5], np.float32)
+    zc = np.clip(z.astype(np.float64), -50, 50)
+    log_sig, log_one_minus_sig = -np.logaddexp(0, -zc), -np.logaddexp(0, zc)
+    expected = -np.mean(w * y * log_sig + (1 - y) * log_one_minus_sig)
+    got = float(weighted_bce_with_logits(jnp.asarray(z), jnp.asarray(y), jnp.asarray(w)))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_pos_weights_formula():
+    y = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32)
+    np.testing.assert_allclose(pos_weights(y), np.sqrt([4 / 3, 4 / 1, 4 / 1]).astype(np.float32))
+
+
+def test_cosine_schedule_is_constant_within_an_epoch_and_matches_pytorch():
+    schedule = cosine_per_epoch(1e-3, total_epochs=85, steps_per_epoch=7)
+    values = np.array([float(schedule(t)) for t in range(0, 85 * 7)])
+    per_epoch = values.reshape(85, 7)
+    assert np.all(per_epoch == per_epoch[:, :1])
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 85)) for e in range(85)]
+    np.testing.assert_allclose(per_epoch[:, 0], np.float32(expected))
+    assert float(schedule(10_000)) == per_epoch[-1, 0]  # stays at the last epoch's value
+
+
+def test_protocol_eval_epochs():
+    assert protocol_eval_epochs(85) == [0, 10, 20, 30, 40, 50, 60, 70, 80, 84]
+    assert protocol_eval_epochs(3, 1) == [0, 1, 2]
+    assert protocol_eval_epochs(1) == [0]
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = small_config(), small_config()
+    assert a.hash() == b.hash() and len(a.hash()) == 64
+    assert small_config(seed=1).hash() != a.hash()
+    assert small_config(order="seeded").hash() != a.hash()
+    assert TrainConfig.from_dict(a.to_dict()) == a
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({"epochs": 1, "nonsense": 2})
+    with pytest.raises(ValueError, match="order"):
+        small_config(order="shuffled")
+
+
+def _setup(config):
+    data = tasks.load_task(config)
+    model = TinyECG(num_classes=len(data.labels), init_mode=config.init)
+    tx = make_optimizer(config, math.ceil(data.train_x.shape[0] / config.batch_size))
+    state = create_train_state(model, tx, data.train_x[:1], config.seed)
+    step = make_train_step(model, tx, config, pos_weights(data.train_y))
+    batch = {"x": jnp.asarray(data.train_x[:16]), "y": jnp.asarray(data.train_y[:16])}
+    return state, step, batch
+
+
+def test_train_step_is_pure_and_changes_params():
+    config = small_config()
+    state, step, batch = _setup(config)
+    before = hashing.tree_sha256(state.params)
+    # The step donates its input state, so feed it copies.
+    s1, m1 = step(jax.tree_util.tree_map(jnp.copy, state), batch)
+    s2, m2 = step(jax.tree_util.tree_map(jnp.copy, state), batch)
+    assert hashing.tree_sha256(s1) == hashing.tree_sha256(s2)
+    assert float(m1["loss"]) == float(m2["loss"]) and np.isfinite(float(m1["loss"]))
+    assert hashing.tree_sha256(s1.params) != before
+    assert int(s1.step) == 1 and int(s1.position) == 1
+    assert float(m1["aux_loss"]) > 0  # the sown auxiliary loss reaches the objective
+
+
+def test_structured_init_ignores_seed_and_kaiming_uses_it():
+    c0, c1 = small_config(seed=0), small_config(seed=1)
+    s0, _, _ = _setup(c0)
+    s1, _, _ = _setup(c1)
+    assert hashing.tree_sha256(s0.params) == hashing.tree_sha256(s1.params)
+    k0, _, _ = _setup(small_config(init="kaiming", seed=0))
+    k1, _, _ = _setup(small_config(init="kaiming", seed=1))
+    assert hashing.tree_sha256(k0.params) != hashing.tree_sha256(k1.params)
+
+
+def _run(config, workdir, **kwargs):
+    return train_and_evaluate(config, tasks.load_task(config), workdir, progress=False,
+                              environment={"test": True}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "a"
+    result = _run(small_config(), workdir)
+    return workdir, result
+
+
+def test_run_directory_contents(finished_run):
+    workdir, result = finished_run
+    for name in ("manifest.json", "result.json", "training_curve.png", "checkpoints"):
+        assert (workdir / name).exists(), name
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["config_hash"] == small_config().hash()
+    assert manifest["final_digests"]["sha256"] == result["final_sha256"]
+    assert manifest["data_fingerprint"]["sha256"] == tasks.load_task(small_config()).fingerprint()["sha256"]
+    assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2]
+    for key in ("macro_auc", "per_class_auc", "init_sha256", "final_sha256", "init_md5", "final_md5", "n_params"):
+        assert key in result
+    assert result["init_sha256"] != result["final_sha256"]
+    assert 0.0 <= result["macro_auc"] <= 1.0
+
+
+def test_same_config_same_process_same_hash(finished_run, tmp_path):
+    _, first = finished_run
+    again = _run(small_config(), tmp_path / "b")
+    assert again["final_sha256"] == first["final_sha256"]
+    assert again["init_sha256"] == first["init_sha256"]
+
+
+def test_negative_controls_change_the_hash(finished_run, tmp_path):
+    _, first = finished_run
+    seeded = _run(small_config(order="seeded"), tmp_path / "seeded")
+    other_init = _run(small_config(init="hadamard"), tmp_path / "hadamard")
+    assert seeded["init_sha256"] == first["init_sha256"]  # same init, other batch order
+    assert seeded["final_sha256"] != first["final_sha256"]
+    assert other_init["init_sha256"] != first["init_sha256"]
+    assert other_init["final_sha256"] != first["final_sha256"]
+
+
+def test_resume_equals_uninterrupted(finished_run, tmp_path):
+    _, first = finished_run
+    workdir = tmp_path / "interrupted"
+    _run(small_config(), workdir, stop_after_epoch=0)
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    resumed = _run(small_config(), workdir, resume=True)
+    assert resumed["final_sha256"] == first["final_sha256"]
+    assert resumed["best_epoch"] == first["best_epoch"]
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    assert manifest["resumed_from"][0]["step"] == 1
+
+
+def test_existing_run_directory_is_never_overwritten(finished_run, tmp_path):
+    workdir, _ = finished_run
+    before = (workdir / "manifest.json").read_bytes()
+    with pytest.raises(RunDirectoryError, match="already holds a finished run"):
+        _run(small_config(), workdir, resume=False)
+    with pytest.raises(RunDirectoryError, match="config hash"):
+        _run(small_config(seed=5), workdir)
+    assert (workdir / "manifest.json").read_bytes() == before
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirectoryError, match="not empty"):
+        _run(small_config(), stray, resume=False)
+    assert (stray / "notes.txt").read_text() == "mine"
+
+
+def test_checkpoint_of_another_config_is_refused(finished_run, tmp_path):
+    workdir, _ = finished_run
+    other = tmp_path / "other"
+    shutil.copytree(workdir / "checkpoints", other / "checkpoints")
+    with pytest.raises(CheckpointMismatchError, match="config hash"):
+        _run(small_config(seed=3), other, resume=True)
+
+
+def _corrupt_one_data_file(checkpoint_dir):
+    data_files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.parent.name == "d"
+                        and "state" in p.parts)
+    assert data_files, "no orbax data files found"
+    target = max(data_files, key=lambda p: p.stat().st_size)
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    target.write_bytes(bytes(raw))
+
+
+def test_corrupted_checkpoint_is_refused(finished_run, tmp_path):
+    workdir, _ = finished_run
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir / "checkpoints", broken / "checkpoints")
+    step_dir = max((p for p in (broken / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    _corrupt_one_data_file(step_dir)
+    with pytest.raises(CheckpointCorruptError, match="checkpoint"):
+        _run(small_config(), broken, resume=True)

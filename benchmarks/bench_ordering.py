@@ -4,6 +4,8 @@ Times one epoch's order at n = 10^3 ... 10^7:
 
 * ``golden``    :func:`detjax.ordering.epoch_order` on device-resident index keys (jitted:
   64-bit wrapping shift in two uint32 words + stable ``lax.sort``);
+* ``rotate``    :func:`detjax.ordering.scheduled_order`, the trainer's path: the same order
+  from a :func:`~detjax.ordering.golden_schedule` sorted once (one count + a roll per epoch);
 * ``jax_perm``  ``jax.jit(lambda key: jax.random.permutation(key, n))``, the baseline;
 * ``numpy``     ``numpy.random.Generator.permutation(n)`` (PCG64, host).
 
@@ -54,22 +56,31 @@ def bench(sizes, *, repeats: int, budget_s: float) -> list[dict]:
             lambda: ordering.epoch_order(device_keys, next(epochs)).block_until_ready(),
             repeats=repeats, budget_s=budget_s,
         )
+        schedule = ordering.golden_schedule(device_keys)
+        rotate = _time(
+            lambda: ordering.scheduled_order(schedule, next(epochs)).block_until_ready(),
+            repeats=repeats, budget_s=budget_s,
+        )
         perm = jax.jit(lambda key, n=n: jax.random.permutation(key, n))
         key = jax.random.key(0)
         jax_perm = _time(lambda: perm(key).block_until_ready(), repeats=repeats, budget_s=budget_s)
         rng = np.random.default_rng(0)
         numpy_perm = _time(lambda: rng.permutation(n), repeats=repeats, budget_s=budget_s)
-        rows.append({"n": n, "golden": golden, "jax_perm": jax_perm, "numpy": numpy_perm})
+        rows.append(
+            {"n": n, "golden": golden, "rotate": rotate, "jax_perm": jax_perm, "numpy": numpy_perm}
+        )
         print(_format_row(rows[-1]), flush=True)
     return rows
 
 
 def _format_row(r: dict) -> str:
     base = r["jax_perm"]
-    return (
-        f"{r['n']:>10,d} {r['golden'] * 1e3:>12.3f} {r['jax_perm'] * 1e3:>12.3f} "
-        f"{r['numpy'] * 1e3:>12.3f} {r['golden'] / base:>12.3f} {r['numpy'] / base:>12.3f}"
-    )
+    times = " ".join(f"{r[k] * 1e3:>11.3f}" for k in _METHODS)
+    ratios = " ".join(f"{r[k] / base:>11.3f}" for k in _METHODS if k != "jax_perm")
+    return f"{r['n']:>10,d} {times}   {ratios}"
+
+
+_METHODS = ("golden", "rotate", "jax_perm", "numpy")
 
 
 def main(argv=None) -> None:
@@ -88,9 +99,9 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind}, "
           f"allowed cores {len(fingerprint['cpu']['allowed_cores']) if fingerprint else '?'}")
-    print("median seconds per epoch order in ms; ratios against jax.random.permutation (baseline)")
-    print(f"{'n':>10} {'golden ms':>12} {'jax_perm ms':>12} {'numpy ms':>12} "
-          f"{'golden/jax':>12} {'numpy/jax':>12}")
+    print("median ms per epoch order; ratios = time / time(jax.random.permutation), the baseline")
+    print(f"{'n':>10} " + " ".join(f"{k + ' ms':>11}" for k in _METHODS) + "   "
+          + " ".join(f"{k + '/jax':>11}" for k in _METHODS if k != "jax_perm"))
     bench([int(s) for s in args.sizes], repeats=args.repeats, budget_s=args.budget)
 
 

@@ -228,7 +228,8 @@ def backend_initialized() -> bool:
         return False
     from jax._src import xla_bridge  # no public equivalent in jax 0.10
 
-    return bool(xla_bridge.backends_are_initialized())
+    initialized = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(initialized() if initialized else xla_bridge._backends)
 
 
 def _allowed_cores() -> list[int] | None:
@@ -252,7 +253,9 @@ def _target_cores(cpu_cores, cpu_threads) -> list[int] | None:
         cores = sorted(set(cpu_cores))
         bad = [c for c in cores if isinstance(c, bool) or not isinstance(c, int) or c < 0]
         if not cores or bad:
-            raise ValueError(f"cpu_cores must be a non-empty set of core ids >= 0, got {cpu_cores!r}")
+            raise ValueError(
+                f"cpu_cores must be a non-empty set of core ids >= 0, got {cpu_cores!r}"
+            )
         if cpu_threads is not None and cpu_threads != len(cores):
             raise ValueError(
                 f"cpu_threads={cpu_threads} disagrees with {len(cores)} cpu_cores {cores}"

@@ -49,7 +49,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_default)
+            json.dump(obj, f, indent=2, default=_default)  # insertion order: per-class tables stay in label order
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -34,13 +34,15 @@ one fixed order, as METHOD.md §4 states. :func:`golden_schedule` / :func:`sched
 use it: sort once, then each epoch costs one ``O(n)`` count and a roll instead of a sort.
 
 **Difference from the original.** The reference code sorts float32 keys with an unstable
-argsort. float32 has 24 significant bits, so keys of distinct samples collide beyond a few
-thousand samples and the order of colliding (and of truly equal) keys is whatever the sort
-implementation leaves. Here keys are exact 64-bit integers, the sort is stable and ties are
-broken by index, so the order is a pure function of the data and the epoch; it coincides with
-the exact real-number order of the METHOD.md keys wherever those keys are more than a few
-``2^-64`` apart (for index keys: at every ``n`` up to ~10^9), and may therefore differ from the
-original's float32 order exactly where float32 rounding made the original ambiguous.
+argsort. float32 has 24 significant bits, so content keys of distinct samples collide beyond
+a few thousand samples (birthday bound on ~2^24 values) and golden index keys by 10^7; the
+order of colliding (and of truly equal) keys is whatever the sort implementation leaves. Here
+keys are exact 64-bit integers, the sort is stable and ties are broken by index, so the order
+is a pure function of the data and the epoch. It coincides with the exact real-number order of
+the METHOD.md keys wherever those keys are more than a few ``(i + e) * 2^-64`` apart, which
+for index keys holds at any realistic ``n`` (the smallest gap of the golden sequence at ``N``
+points is of order ``1/N``); it therefore differs from the original's float32 order only where
+float32 rounding made the original ambiguous or wrong.
 
 The seeded alternative, :func:`seeded_order`, is ``jax.random.permutation`` under the key
 ``fold_in(key(seed), epoch)``.

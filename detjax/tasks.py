@@ -94,9 +94,51 @@ def _ptbxl(config: TrainConfig) -> TaskData:
         info=info)
 
 
+def _medmnist(config: TrainConfig) -> TaskData:
+    from detjax.data import augment as augment_lib
+    from detjax.data import medmnist as mm
+
+    opts = dict(config.data)
+    known = {"flag", "data_dir", "size", "limit"}
+    if "flag" not in opts or set(opts) - known:
+        raise ValueError(f"medmnist data options must include 'flag' and be among {sorted(known)}, got {sorted(opts)}")
+    ds = mm.load_medmnist(opts["flag"], opts.get("data_dir"), size=opts.get("size", 28))
+    task = ds.task
+    multilabel = task == "multi-label, binary-class"
+    if multilabel != (config.loss != "ce"):
+        raise ValueError(f"{ds.flag} is a {task!r} task: use loss={'bce' if multilabel else 'ce'}, not {config.loss!r}")
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"x_{split}"] = mm.preprocess(getattr(ds, f"{split}_images"))
+        labels = getattr(ds, f"{split}_labels")
+        arrays[f"y_{split}"] = labels.astype(np.float32) if multilabel else labels.astype(np.int32)
+    arrays = _limited(arrays, opts.get("limit"))
+    class_names = tuple(ds.info.labels)
+
+    def evaluate(y_true, scores):
+        out = mm.evaluate(y_true, scores, task)
+        # Selection on the validation split maximises AUC, the evaluator's headline metric.
+        return {"score": out["auc"], **out}
+
+    seed = config.seed
+
+    def augment(x, index, epoch):
+        return augment_lib.augment_batch(x, index, epoch, seed)
+
+    return TaskData(
+        train_x=arrays["x_train"], train_y=arrays["y_train"],
+        val_x=arrays["x_val"], val_y=arrays["y_val"],
+        test_x=arrays["x_test"], test_y=arrays["y_test"],
+        labels=class_names, evaluate=evaluate, order_keys=None, augment=augment,
+        info={"source": "medmnist", "flag": ds.flag, "size": ds.size, "task": task, "path": str(ds.path),
+              "md5": ds.md5, "n": {k[2:]: int(v.shape[0]) for k, v in arrays.items() if k.startswith("x_")},
+              "limit": opts.get("limit")})
+
+
 TASKS: dict[str, Callable[[TrainConfig], TaskData]] = {
     "synthetic": _synthetic,
     "ptbxl": _ptbxl,
+    "medmnist": _medmnist,
 }
 
 

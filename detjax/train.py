@@ -143,6 +143,8 @@ class TaskData:
     ``evaluate(y_true, scores) -> dict`` must return a ``"score"`` entry, the quantity
     maximised by best-validation selection (macro AUC for PTB-XL). ``order_keys`` are the
     golden content keys (``ordering.golden_content_keys``); ``None`` means index keys.
+    ``augment(x, index, epoch)`` is the task's deterministic augmentation, applied inside
+    the train step when ``config.augment`` is set.
     """
 
     train_x: np.ndarray
@@ -154,6 +156,7 @@ class TaskData:
     labels: tuple[str, ...]
     evaluate: Callable[[np.ndarray, np.ndarray], dict]
     order_keys: Any = None
+    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
     info: dict = dataclasses.field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -362,9 +365,10 @@ def initial_best(state: TrainState) -> dict:
 def _make_order_fn(config: TrainConfig, data: TaskData):
     n = data.train_x.shape[0]
     if config.order == "seeded":
-        return lambda epoch: np.asarray(ordering.seeded_order(n, config.seed, epoch))
-    keys = data.order_keys if data.order_keys is not None else ordering.golden_index_keys(n)
-    return lambda epoch: np.asarray(ordering.epoch_order(keys, epoch))
+        order = ordering.make_order_fn("seeded", n, seed=config.seed)
+    else:  # golden: content keys when the task has them (ECG), index keys otherwise
+        order = ordering.make_order_fn("golden", data.order_keys if data.order_keys is not None else n)
+    return lambda epoch: np.asarray(order(epoch))
 
 
 def _epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -426,6 +430,10 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     batches_per_epoch = math.ceil(n_train / config.batch_size)
     tx = make_optimizer(config, batches_per_epoch)
     weight = pos_weights(data.train_y) if config.loss == "weighted_bce" else None
+    if augment is None and config.augment:
+        if data.augment is None:
+            raise ValueError(f"config.augment is set but task {config.task!r} defines no augmentation")
+        augment = data.augment
     train_step = make_train_step(model, tx, config, weight, augment)
     predict_batch = make_predict(model, config)
     order_fn = _make_order_fn(config, data)

@@ -82,16 +82,16 @@ def test_params_are_a_function_of_seed_epoch_index_only():
 
 
 def test_epochs_and_seeds_differ():
-    idx = np.arange(256, dtype=np.int32)
+    idx = np.arange(64, dtype=np.int32)  # same shape as above: no new compile
     off0, flip0 = map(np.asarray, aug.augment_params(idx, 0, 1))
     off1, flip1 = map(np.asarray, aug.augment_params(idx, 1, 1))
     off_s, _ = map(np.asarray, aug.augment_params(idx, 0, 2))
     assert (off0 != off1).any(axis=1).mean() > 0.8  # P(same pair) = 1/25
     assert (off0 != off_s).any(axis=1).mean() > 0.8
     assert 0.3 < (flip0 != flip1).mean() < 0.7
-    images = _images(4)
-    e0 = np.asarray(aug.augment_batch(images, idx[:4], 0, 1))
-    e1 = np.asarray(aug.augment_batch(images, idx[:4], 1, 1))
+    images = _images(2)
+    e0 = np.asarray(aug.augment_batch(images, idx[:2], 0, 1))
+    e1 = np.asarray(aug.augment_batch(images, idx[:2], 1, 1))
     assert not np.array_equal(e0, e1)
 
 
@@ -109,7 +109,7 @@ def test_offsets_uniform_and_flip_balanced():
 
 
 def test_shape_dtype_kept_and_bad_indices_rejected():
-    images = _images(3, 28, 28, 3)
+    images = _images(3)
     out = aug.augment_batch(images, np.arange(3), 0, 0)
     assert out.shape == images.shape and out.dtype == jnp.float32
     with pytest.raises(ValueError, match=r"indices must have shape \(3,\)"):

@@ -118,10 +118,12 @@ def test_vendored_breastmnist():
     np.testing.assert_array_equal(data.test_labels, raw["test_labels"])
 
 
+@pytest.mark.shared_data
 def test_vendored_copy_is_the_shared_file(shared_dir):
     assert VENDORED.read_bytes() == (shared_dir / "breastmnist.npz").read_bytes()
 
 
+@pytest.mark.shared_data
 def test_shared_pneumoniamnist(shared_dir):
     data = mm.load_medmnist("pneumoniamnist", shared_dir)
     assert data.md5 == PNEUMONIA_MD5

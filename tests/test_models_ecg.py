@@ -21,7 +21,7 @@ import detjax.initializers as di
 from detjax.models import ARCHS, ECGBaselineCNN, ECGConformer, count_params, get_model
 from detjax.models import layers as L
 from detjax.models.baseline import ResBlock
-from detjax.models.conformer import BottleneckBlock, ConformerBlock, ConvModule
+from detjax.models.conformer import BottleneckBlock, ConvModule
 from detjax.models.export import from_torch_state_dict, to_torch_state_dict, torch_layout
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -38,20 +38,15 @@ def _x(seed=1, t=T, leads=12):
     return jax.random.normal(jax.random.key(seed), (B, t, leads), jnp.float32)
 
 
-def _init_params(model, x):
+def _init_params(model, x, **kwargs):
     """Structured init without the forward pass: only 'params' (and 'batch_stats') are
     outputs, so XLA drops the forward computation."""
-    fn = lambda k, x: model.init(k, x, mutable=["params", "batch_stats"])  # noqa: E731
+    fn = lambda k, x: model.init(k, x, mutable=["params", "batch_stats"], **kwargs)  # noqa: E731
     return _compile(fn, jax.random.key(0), x)[1](jax.random.key(0), x)
 
 
-def _shapes(model, t=T, leads=12):
-    x = jax.ShapeDtypeStruct((B, t, leads), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-
-
-def _rows(model, t=T):
-    return {row.path: row for row in di.describe(model, jnp.zeros((1, t, 12), jnp.float32))}
+def _rows(model, leads=12):
+    return {row.path: row for row in di.describe(model, jnp.zeros((1, T, leads), jnp.float32))}
 
 
 # ------------------------------------------------------------------------ layers
@@ -181,18 +176,45 @@ def test_batch_norm_follows_pytorch():
     np.testing.assert_allclose(np.asarray(y_eval), (x - rm) / np.sqrt(rv + 1e-5), rtol=1e-4, atol=1e-5)
 
 
-def test_kaiming_biases_use_the_layer_fan_in():
-    # depthwise k5 (fan_in 5) and pointwise 1x1 160->160 (fan_in 160)
+def test_kaiming_uses_each_layer_fan_in_and_the_seed():
+    # ConvModule: depthwise k5 (fan_in 5), pointwise 1x1 160->160 (fan_in 160)
+    init = jax.jit(ConvModule(init_mode="kaiming").init)
     x = jnp.zeros((1, 8, 160))
-    p = jax.jit(ConvModule(init_mode="kaiming").init)(jax.random.key(3), x)["params"]
+    p, p_again, q = (init(jax.random.key(s), x)["params"] for s in (3, 3, 4))
     for name, fan_in in (("dw", 5), ("pw", 160)):
-        b = np.abs(np.asarray(p[name]["bias"]))
-        assert b.max() <= 1 / math.sqrt(fan_in) and b.max() > 0.8 / math.sqrt(fan_in), name
+        bound = 1 / math.sqrt(fan_in)
+        for leaf in ("kernel", "bias"):
+            v = np.abs(np.asarray(p[name][leaf]))
+            assert v.max() <= bound and v.max() > 0.8 * bound, (name, leaf)
+        np.testing.assert_array_equal(p[name]["kernel"], p_again[name]["kernel"])  # seeded
+        assert not np.array_equal(p[name]["kernel"], q[name]["kernel"])
+    w = np.asarray(p["pw"]["kernel"])
+    np.testing.assert_allclose(w.std(), 1 / math.sqrt(3 * 160), rtol=0.05)  # U(-a, a): std a/sqrt 3
+    # the fixup scale does not apply to Kaiming (the PyTorch baseline has none)
+    structured = jax.jit(ConvModule(init_mode="dct", fixup=0.01).init)(jax.random.key(3), x)["params"]
+    np.testing.assert_array_equal(structured["pw"]["kernel"], di.conv1d_kernel("dct", 1, 160, 160, scale=0.01))
+    assert not np.any(structured["pw"]["bias"])
 
 
 # ------------------------------------------------------------------ parameter counts
-def test_conformer_parameter_counts():
-    params = _shapes(ECGConformer())["params"]
+def _abstract(model, leads=12):
+    """Shapes of (logits, all collections incl. intermediates) of a forward pass at init."""
+    x = jax.ShapeDtypeStruct((B, T, leads), jnp.float32)
+    return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, mutable=True), x)
+
+
+@pytest.fixture(scope="module")
+def conformer_abstract():
+    return _abstract(ECGConformer())
+
+
+@pytest.fixture(scope="module")
+def baseline_abstract():
+    return _abstract(ECGBaselineCNN())
+
+
+def test_conformer_parameter_counts(conformer_abstract):
+    params = conformer_abstract[1]["params"]
     assert count_params(params) == 1_827_634
     blocks = [f"stages_{s}_{b}" for s, d in enumerate((3, 4, 23)) for b in range(d)]
     assert all(count_params(params[k]) == 21_360 for k in blocks)
@@ -205,12 +227,11 @@ def test_conformer_parameter_counts():
     heads = [params[f"heads_{k}"] for k in range(12)]
     assert [h["kernel"].shape for h in heads] == [(14, 1)] * 12 and count_params(heads) == 180
     assert "heads_12" not in params
-    assert count_params(_shapes(ECGConformer(num_classes=5, in_leads=6), leads=6)["params"]) == (
-        1_827_634 - 12 * 40 * 5 + 6 * 40 * 5 - (4_494 + 180) + (320 * 7 + 7) + 5 * 8)
+    assert set(conformer_abstract[1]) == {"params", "losses", "intermediates"}  # no batch_stats
 
 
-def test_baseline_parameter_counts():
-    variables = _shapes(ECGBaselineCNN())
+def test_baseline_parameter_counts(baseline_abstract):
+    variables = baseline_abstract[1]
     params = variables["params"]
     assert count_params(params) == 1_653_772
     assert count_params(variables["batch_stats"]) == 2 * (64 + 3 * 64 + 5 * 128 + 4 * 256)
@@ -223,19 +244,16 @@ def test_baseline_parameter_counts():
     assert count_params(params["head_1"]) == 65_664 and count_params(params["head_4"]) == 1_548
 
 
-@pytest.mark.parametrize("model,expected", [
-    (ECGConformer(), {"stem_conv": 500, "stem_pool": 250, "stage0": 250, "stage1": 125, "stage2": 63,
-                      "stage3": 32, "transformer": 32}),
-    (ECGBaselineCNN(), {"stem_conv": 500, "stem_pool": 250, "stage0": 250, "stage1": 125, "stage2": 63}),
-])
-def test_intermediate_lengths(model, expected):
-    x = jax.ShapeDtypeStruct((B, T, 12), jnp.float32)
-    variables = _shapes(model)
-    out, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=["intermediates"]), variables, x)
-    assert out.shape == (B, 12)
-    inter = state["intermediates"]
-    assert {k: v[0].shape[1] for k, v in inter.items() if k in expected} == expected
-    assert inter["pooled"][0].shape == (B, 320 if isinstance(model, ECGConformer) else 512)
+def test_intermediate_lengths(conformer_abstract, baseline_abstract):
+    common = {"stem_conv": 500, "stem_pool": 250, "stage0": 250, "stage1": 125, "stage2": 63}
+    for (out, variables), expected, width in (
+        (conformer_abstract, {**common, "stage3": 32, "transformer": 32}, 320),
+        (baseline_abstract, common, 512),
+    ):
+        assert out.shape == (B, 12)
+        inter = variables["intermediates"]
+        assert {k: v[0].shape[1] for k, v in inter.items() if k in expected} == expected
+        assert inter["pooled"][0].shape == (B, width)
 
 
 def test_bad_input_and_init_raise():
@@ -293,12 +311,17 @@ def test_conformer_stage_assignment_is_explicit_per_layer():
         basis, stage = _basis_stage(path)
         scale = " scale=0.01" if path.endswith(FIXUP_PATHS) else ""
         assert row.init == f"{basis}/reference stage={stage}{scale}", path
-    # the narrower reading of the fixup rule: bottleneck conv3 only
-    narrow = _rows(ECGConformer(transformer_fixup=False, init_mode="dct", variant="orthonormal"))
+    # the narrower reading of the fixup rule (bottleneck conv3 only), other sizes, a variant
+    narrow = _rows(ECGConformer(num_classes=5, in_leads=6, transformer_fixup=False, init_mode="dct",
+                                variant="orthonormal"), leads=6)
     assert narrow["blocks_1/attn/proj"].init == "dct/orthonormal stage=transformer"
+    assert narrow["blocks_2/conv/pw"].init == "dct/orthonormal stage=transformer"
     assert narrow["stages_1_0/conv3"].init == "dct/orthonormal stage=stage1 scale=0.01"
-    kaiming = _rows(ECGConformer(init_mode="kaiming"))
-    assert all(r.init.startswith("kaiming_uniform(a=sqrt5)") for r in kaiming.values())
+    assert narrow["stem_0"].shape == (5, 6, 40) and narrow["bottleneck"].shape == (320, 7)
+    assert [narrow[f"heads_{k}"].init for k in range(5)] == [f"simplex_etf(vertex={k}, 6x7)" for k in range(5)]
+    assert "heads_5" not in narrow
+    kaiming = _rows(ECGConformer(init_mode="kaiming"))  # heads too: PyTorch default, not ETF
+    assert len(kaiming) == len(rows) and all(r.init.startswith("kaiming_uniform(a=sqrt5)") for r in kaiming.values())
 
 
 def test_baseline_stage_assignment():
@@ -358,35 +381,13 @@ def test_conformer_mixed_init_values(conformer_mixed):
     assert not np.array_equal(np.asarray(p["stages_2_0"]["conv2"]["kernel"]), c1("dct", 5, 40, 40))
 
 
-def test_init_modes_differ_where_they_should(conformer_mixed):
-    dct = _init_params(ECGConformer(init_mode="dct"), _x())["params"]
-    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
-    for name in ("stem_0", "stages_0_1", "down", "blocks_1", "bottleneck", "heads_3"):
-        assert same(dct[name], conformer_mixed[name]), name
-    for name in ("stages_1_0", "stages_2_7"):
-        assert not same(dct[name]["conv2"], conformer_mixed[name]["conv2"]), name
-    # Kaiming (checked on the cheaper baseline: seeded draws, biases nonzero)
-    x = _x(t=64)
-    mixed_b = _init_params(ECGBaselineCNN(), x)["params"]
-    kaiming = ECGBaselineCNN(init_mode="kaiming")
-    init = _compile(lambda k, x: kaiming.init(k, x, mutable=["params", "batch_stats"]), jax.random.key(0), x)[1]
-    k0, k0_again, k1 = (init(jax.random.key(s), x)["params"] for s in (0, 0, 1))
-    assert same(k0, k0_again)
-    assert not np.array_equal(k0["stem"]["conv"]["kernel"], k1["stem"]["conv"]["kernel"])
-    assert not np.array_equal(k0["head_4"]["kernel"], mixed_b["head_4"]["kernel"])
-    bound = 1 / math.sqrt(64 * 5)
-    w, b = np.asarray(k0["stages_0_0"]["conv"]["kernel"]), np.asarray(k0["stages_0_0"]["conv"]["bias"])
-    assert np.abs(w).max() <= bound and np.abs(b).max() <= bound and np.any(b != 0)
-    np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.05)  # U(-a, a) has std a/sqrt(3)
-
-
 # ---------------------------------------------------------------- forward + gradient
 def _loss_fn(model, train):
     def loss(params, extra, x, key):
         variables = {"params": params, **extra}
         logits, state = model.apply(variables, x, train=train, rngs={"dropout": key},
                                     mutable=["losses", "intermediates", "batch_stats"])
-        aux = sum(jax.tree.leaves(state["losses"]), jnp.float32(0))
+        aux = sum(jax.tree.leaves(state.get("losses", {})), jnp.float32(0))
         y = (jnp.arange(12)[None, :] % 2).astype(jnp.float32)
         bce = jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
         return bce + aux, (logits, state)
@@ -454,23 +455,21 @@ def test_residual_blocks_in_isolation():
     # Bottleneck with stride 2: skip = adaptive average pool, output = LN(GELU(branch + skip))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 125, 160)), jnp.float32)
     blk = BottleneckBlock(stage="stage2", stride=2)
-    v = blk.init(jax.random.key(0), x)
-    params = jax.tree.map(np.asarray, v["params"])
+    params = jax.tree.map(np.asarray, _init_params(blk, x)["params"])
     params["conv3"]["kernel"] = np.zeros_like(params["conv3"]["kernel"])  # branch = bias = 0
-    y = np.asarray(blk.apply({"params": params}, x), np.float64)
+    y = np.asarray(jax.jit(blk.apply)({"params": params}, x), np.float64)
     skip = np.einsum("ol,blc->boc", L.adaptive_avg_pool_matrix(125, 63).astype(np.float64), np.asarray(x, np.float64))
     g = 0.5 * skip * (1 + erf(skip / np.sqrt(2)))
     ln = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)
+    assert y.shape == (2, 63, 160)
     np.testing.assert_allclose(y, ln, rtol=1e-4, atol=1e-4)
-    # Conformer block keeps the shape; the baseline residual block is x + ReLU(BN(conv x))
-    z = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 160)), jnp.float32)
-    assert ConformerBlock().init_with_output(jax.random.key(0), z)[0].shape == (2, 32, 160)
+    # baseline residual block: x + ReLU(BN(conv x)); BN in eval mode with fresh statistics
     r = ResBlock(stage="stage0")
     xr = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 64)), jnp.float32)
-    vr = r.init(jax.random.key(0), xr, train=False)
-    yr = np.asarray(r.apply(vr, xr, train=False))
-    conv = jax.lax.conv_general_dilated(xr, vr["params"]["conv"]["kernel"], (1,), [(2, 2)],
-                                        dimension_numbers=("NWC", "WIO", "NWC"), precision="highest")
+    vr = _init_params(r, xr, train=False)
+    yr = np.asarray(jax.jit(lambda v, x: r.apply(v, x, train=False))(vr, xr))
+    conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1,), [(2, 2)], dimension_numbers=("NWC", "WIO", "NWC"), precision="highest"))(xr, vr["params"]["conv"]["kernel"])
     np.testing.assert_allclose(yr, np.asarray(xr) + np.maximum(np.asarray(conv) / np.sqrt(1 + 1e-5), 0), rtol=1e-5, atol=1e-5)
 
 
@@ -540,8 +539,13 @@ def test_export_conformer_names_shapes_order(conformer_mixed):
     assert ordered_digests(sd, headers=False)["md5"] == raw
 
 
-def test_export_baseline_names_shapes_order():
-    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(ECGBaselineCNN()))
+def _zeros(abstract):
+    variables = abstract[1]
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), {k: variables[k] for k in ("params", "batch_stats")})
+
+
+def test_export_baseline_names_shapes_order(baseline_abstract):
+    variables = _zeros(baseline_abstract)
     sd = to_torch_state_dict("baseline", variables)
     items = _shape_list(sd)
     bn = lambda p, c: [(f"{p}.bn.{n}", (c,)) for n in ("weight", "bias", "running_mean", "running_var")]  # noqa: E731
@@ -564,8 +568,8 @@ def test_export_baseline_names_shapes_order():
     assert count_params(back["params"]) == 1_653_772 and count_params(back["batch_stats"]) == 3_840
 
 
-def test_export_rejects_mismatched_variables():
-    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(ECGBaselineCNN()))
+def test_export_rejects_mismatched_variables(baseline_abstract):
+    variables = _zeros(baseline_abstract)
     with pytest.raises(ValueError, match="batch_stats/stem/bn/mean"):
         to_torch_state_dict("baseline", variables["params"])  # statistics missing
     extra = {"params": {**variables["params"], "spare": {"kernel": np.zeros(3)}}, "batch_stats": variables["batch_stats"]}
@@ -577,3 +581,36 @@ def test_export_rejects_mismatched_variables():
     del sd["head.1.bias"]
     with pytest.raises(ValueError, match="head.1.bias"):
         from_torch_state_dict("baseline", sd)
+
+
+def test_export_resnet18_follows_torchvision_order():
+    resnet = pytest.importorskip("detjax.models.resnet")
+    model = resnet.ResNet18(num_classes=2, in_channels=1)
+    x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), dict(variables))
+    sd = to_torch_state_dict("resnet18", variables, num_batches_tracked=0)
+    assert len(sd) == 122  # torchvision's resnet18().state_dict() has 122 entries
+    sd = to_torch_state_dict("resnet18", variables)
+    items = _shape_list(sd)
+    assert len(items) == 102 and [k for k, _ in items] == torch_layout("resnet18", 2)
+    bn = lambda p, c: [(f"{p}.{n}", (c,)) for n in ("weight", "bias", "running_mean", "running_var")]  # noqa: E731
+    assert items[:11] == [("conv1.weight", (64, 1, 3, 3)), *bn("bn1", 64), ("layer1.0.conv1.weight", (64, 64, 3, 3)),
+                          *bn("layer1.0.bn1", 64), ("layer1.0.conv2.weight", (64, 64, 3, 3))]
+    names = [k for k, _ in items]
+    i = names.index("layer2.0.downsample.0.weight")
+    assert names[i - 5 : i + 6] == ["layer2.0.conv2.weight", *[n for n, _ in bn("layer2.0.bn2", 128)],
+                                    "layer2.0.downsample.0.weight", *[n for n, _ in bn("layer2.0.downsample.1", 128)],
+                                    "layer2.1.conv1.weight"]
+    assert sd["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
+    assert "layer1.0.downsample.0.weight" not in sd
+    assert items[-2:] == [("fc.weight", (2, 512)), ("fc.bias", (2,))]
+    assert sum(v.size for v in sd.values()) == 11_168_706 + 2 * 4_800
+    k = np.asarray(variables["params"]["layer3_1"]["conv2"]["kernel"])
+    assert sd["layer3.1.conv2.weight"][5, 7, 0, 2] == k[0, 2, 7, 5]
+    back = from_torch_state_dict("resnet18", sd)
+    flat_back = dict(jax.tree_util.tree_flatten_with_path(back)[0])
+    flat_orig = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+    assert flat_back.keys() == flat_orig.keys()
+    assert all(np.array_equal(flat_back[p], flat_orig[p]) for p in flat_orig)

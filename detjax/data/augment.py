@@ -75,6 +75,8 @@ def apply_augment(
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):  # fill=-1 would wrap around in uint8
+        raise ValueError(f"images must be float (normalised by preprocess), got dtype {images.dtype}")
     fill = jnp.asarray(fill, images.dtype)
     return jax.vmap(_crop_flip, in_axes=(0, 0, 0, None, None))(images, offsets, flips, pad, fill)
 

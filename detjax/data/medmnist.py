@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+import types
 import urllib.error
 import urllib.request
 import warnings
@@ -243,7 +244,9 @@ def _check_size(size: int) -> int:
 
 
 def _builtin_info(flag: str) -> DatasetInfo:
-    entry = BUILTIN_INFO[flag]
+    entry = dict(BUILTIN_INFO[flag])
+    for key in ("n_samples", "md5"):  # read-only copies: callers cannot edit the table
+        entry[key] = types.MappingProxyType(dict(entry[key]))
     return DatasetInfo(flag=flag, source="detjax built-in (medmnist 3.0.2)", **entry)
 
 
@@ -257,8 +260,8 @@ def _info_from_medmnist(flag: str, medmnist: Any) -> DatasetInfo:
         task=raw["task"],
         labels=labels,
         n_channels=int(raw["n_channels"]),
-        n_samples={k: int(raw["n_samples"][k]) for k in SPLITS},
-        md5=md5,
+        n_samples=types.MappingProxyType({k: int(raw["n_samples"][k]) for k in SPLITS}),
+        md5=types.MappingProxyType(md5),
         license=raw.get("license", ""),
         source=f"medmnist {getattr(medmnist, '__version__', '?')}",
     )
@@ -282,7 +285,12 @@ def dataset_info(flag: str, *, source: str = "auto") -> DatasetInfo:
             if source == "medmnist":
                 raise
         else:
-            return _info_from_medmnist(flag, medmnist)
+            # A module named medmnist that lacks INFO is not the package (e.g. a script
+            # called medmnist.py on sys.path): use the built-in table.
+            if hasattr(medmnist, "INFO"):
+                return _info_from_medmnist(flag, medmnist)
+            if source == "medmnist":
+                raise ImportError(f"the imported module {getattr(medmnist, '__file__', medmnist)} is not the medmnist package")
     return _builtin_info(flag)
 
 

@@ -6,6 +6,9 @@
 * ``"baseline"`` → :class:`~detjax.models.baseline.ECGBaselineCNN` (1,653,772 parameters)
 * ``"resnet18"`` → ``detjax.models.resnet.ResNet18`` (MedMNIST), imported lazily and listed
   only when that module exists.
+* ``"tiny"`` → ``detjax.models.tiny.TinyECG``, a small ECG-shaped model for tests and smoke runs.
+
+PyTorch-layout export: :func:`detjax.models.export.to_torch_state_dict`.
 
 All models map ``(B, ..., C)`` channel-last input to logits ``(B, num_classes)`` and take
 every kernel/bias initialiser from :mod:`detjax.initializers` by explicit stage.

@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 
 from detjax.models import layers as L
-from detjax.models.conformer import _check_init
 
 __all__ = ["ECGBaselineCNN", "ResBlock", "STAGE_WIDTHS", "STAGE_DEPTHS", "NUM_PARAMS"]
 
@@ -53,7 +52,9 @@ NUM_PARAMS = 1_653_772
 
 def _conv_bn(x, features, *, stage, stride, train, init_mode, variant):
     """``Conv(k5, stride) → BN`` as submodules ``conv`` and ``bn`` of the calling module."""
-    x = L.conv1d(x, features, KERNEL, stride=stride, stage=stage, init_mode=init_mode, variant=variant, name="conv")
+    x = L.conv1d(
+        x, features, KERNEL, stride=stride, stage=stage, init_mode=init_mode, variant=variant, name="conv"
+    )
     return L.BatchNorm(name="bn")(x, use_running_average=not train)
 
 
@@ -109,7 +110,7 @@ class ECGBaselineCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        _check_init(self.init_mode, "ECGBaselineCNN")
+        L.check_init_mode(self.init_mode, "ECGBaselineCNN")
         x = L.check_ecg_input(x, self.in_leads, "ECGBaselineCNN")
         kw = dict(init_mode=self.init_mode, variant=self.variant)
 

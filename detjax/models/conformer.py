@@ -72,6 +72,9 @@ __all__ = [
     "ECGConformer",
     "BottleneckBlock",
     "ConformerBlock",
+    "FeedForward",
+    "MultiHeadSelfAttention",
+    "ConvModule",
     "STAGE_DEPTHS",
     "NUM_TRANSFORMER_BLOCKS",
     "NUM_PARAMS",
@@ -194,12 +197,6 @@ def _etf(vertex: int, num_classes: int):
     return di.etf_head_init(vertex, num_vertices=num_classes + 1, dim=num_classes + 2)
 
 
-def _check_init(init: str, model: str) -> None:
-    allowed = ("mixed", "kaiming") + tuple(di.BASES)
-    if init not in allowed:
-        raise ValueError(f"{model}: unknown init {init!r}; expected one of {allowed}")
-
-
 class ECGConformer(nn.Module):
     """ECG Conformer of METHOD.md §6; see the module docstring for structure and names.
 
@@ -229,7 +226,7 @@ class ECGConformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no train-time behaviour in this model
-        _check_init(self.init_mode, "ECGConformer")
+        L.check_init_mode(self.init_mode, "ECGConformer")
         x = L.check_ecg_input(x, self.in_leads, "ECGConformer")
         kw = dict(init_mode=self.init_mode, variant=self.variant)
 

@@ -25,6 +25,9 @@ Names (the Flax module ``name_i_j`` is PyTorch's ``name.i.j``):
 * Baseline: ``stem.{conv,bn}``, ``stages.s.i.{conv,bn}`` (``stages.1.0`` and
   ``stages.2.0`` are the stride-2 transition convs, the rest residual blocks),
   ``head.1`` and ``head.4`` (``Sequential(Dropout, Linear, ReLU, Dropout, Linear)``).
+* ResNet-18: torchvision's names and order, ``conv1``, ``bn1``,
+  ``layerS.B.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}``, ``fc``; 2-D kernels
+  ``(kh, kw, in, out)`` → ``(out, in, kh, kw)``, no conv biases.
 
 :func:`from_torch_state_dict` is the inverse (Flax variables from such a state dict).
 """
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -48,7 +51,7 @@ __all__ = ["to_torch_state_dict", "from_torch_state_dict", "torch_layout", "EXPO
 Layout = list[tuple[tuple[str, ...], str]]
 
 
-def _conformer_layout(num_classes: int) -> Layout:
+def _conformer_layout(has: Callable[[tuple[str, ...]], bool]) -> Layout:
     out: Layout = [(("stem_0",), "conv"), (("stem_2",), "conv"), (("stem_4",), "conv")]
     for s, depth in enumerate(_conformer.STAGE_DEPTHS):
         for b in range(depth):
@@ -68,12 +71,15 @@ def _conformer_layout(num_classes: int) -> Layout:
         out += ffn("ffn2")
         out.append(((block, "norm"), "ln"))
     out.append((("bottleneck",), "dense"))
-    out += [((f"heads_{k}",), "dense") for k in range(num_classes)]
+    k = 0
+    while has((f"heads_{k}",)):  # one head per class
+        out.append(((f"heads_{k}",), "dense"))
+        k += 1
     return out
 
 
-def _baseline_layout(num_classes: int) -> Layout:
-    del num_classes  # the head shapes carry it
+def _baseline_layout(has: Callable[[tuple[str, ...]], bool]) -> Layout:
+    del has  # no optional modules
     out: Layout = [(("stem", "conv"), "conv"), (("stem", "bn"), "bn")]
     in_width = _baseline.STEM_WIDTH
     for s, (width, depth) in enumerate(zip(_baseline.STAGE_WIDTHS, _baseline.STAGE_DEPTHS)):
@@ -85,13 +91,28 @@ def _baseline_layout(num_classes: int) -> Layout:
     return out
 
 
-# --- resnet18: add its layout here when detjax/models/resnet.py exists. ---------------
-_LAYOUTS = {"conformer": _conformer_layout, "baseline": _baseline_layout}
+def _resnet18_layout(has: Callable[[tuple[str, ...]], bool]) -> Layout:
+    """torchvision order: conv1, bn1, layer1..4 (conv1, bn1, conv2, bn2, downsample.{0,1}), fc."""
+    out: Layout = [(("conv1",), "conv2d"), (("bn1",), "bn")]
+    for s in range(1, 5):
+        for b in range(2):
+            block = f"layer{s}_{b}"
+            out += [((block, "conv1"), "conv2d"), ((block, "bn1"), "bn"),
+                    ((block, "conv2"), "conv2d"), ((block, "bn2"), "bn")]
+            if has((block, "downsample_0")):  # only where the shape changes
+                out += [((block, "downsample_0"), "conv2d"), ((block, "downsample_1"), "bn")]
+    out.append((("fc",), "dense"))
+    return out
+
+
+# One layout per exportable arch (a new model adds its layout here).
+_LAYOUTS = {"conformer": _conformer_layout, "baseline": _baseline_layout, "resnet18": _resnet18_layout}
 EXPORT_ARCHS = tuple(_LAYOUTS)
 
 # Per kind: (torch suffix, Flax collection, Flax leaf name).
 _ENTRIES = {
     "conv": (("weight", "params", "kernel"), ("bias", "params", "bias")),
+    "conv2d": (("weight", "params", "kernel"),),  # bias-free (ResNet-18)
     "dense": (("weight", "params", "kernel"), ("bias", "params", "bias")),
     "ln": (("weight", "params", "scale"), ("bias", "params", "bias")),
     "bn": (("weight", "params", "scale"), ("bias", "params", "bias"),
@@ -104,24 +125,28 @@ def _torch_prefix(path: tuple[str, ...]) -> str:
     return ".".join(re.sub(r"_(\d+)", r".\1", part) for part in path)
 
 
+# Flax kernel axes -> PyTorch weight axes, per kind.
+_TO_TORCH_AXES = {
+    "conv": (2, 1, 0),  # (k, in, out) -> (out, in, k)
+    "conv2d": (3, 2, 0, 1),  # (kh, kw, in, out) -> (out, in, kh, kw)
+    "dense": (1, 0),  # (in, out) -> (out, in)
+}
+
+
 def _to_torch_layout(kind: str, leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf != "kernel":
-        return value
-    if kind == "conv":  # (k, in, out) -> (out, in, k)
-        return np.transpose(value, (2, 1, 0))
-    return value.T  # dense (in, out) -> (out, in)
+    return np.transpose(value, _TO_TORCH_AXES[kind]) if leaf == "kernel" else value
 
 
 def _from_torch_layout(kind: str, leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf != "kernel":
-        return value
-    return np.transpose(value, (2, 1, 0)) if kind == "conv" else value.T
+    return np.transpose(value, np.argsort(_TO_TORCH_AXES[kind])) if leaf == "kernel" else value
 
 
-def _layout(arch: str, num_classes: int) -> Layout:
+def _layout(arch: str, has: Callable[[tuple[str, ...]], bool]) -> Layout:
+    """The layout of ``arch``; ``has(module_path)`` says whether an optional module exists
+    (the Conformer's ``heads_k``, ResNet-18's shortcut convs)."""
     if arch not in _LAYOUTS:
         raise ValueError(f"no PyTorch export for model arch {arch!r}; supported: {EXPORT_ARCHS}")
-    return _LAYOUTS[arch](num_classes)
+    return _LAYOUTS[arch](has)
 
 
 def _entries(layout: Layout) -> Iterator[tuple[str, str, tuple[str, ...], str, str]]:
@@ -152,20 +177,15 @@ def _split_variables(variables: Mapping[str, Any], batch_stats: Any) -> tuple[An
     return params, batch_stats
 
 
-def _num_classes(arch: str, params: Mapping[str, Any]) -> int:
-    if arch == "conformer":
-        return sum(1 for name in params if re.fullmatch(r"heads_\d+", name))
-    if arch == "baseline":
-        try:
-            return int(np.shape(params["head_4"]["bias"])[0])
-        except (KeyError, TypeError) as err:
-            raise ValueError("baseline params have no head_4/bias; not ECGBaselineCNN params") from err
-    return 0
-
-
 def torch_layout(arch: str, num_classes: int = 12) -> list[str]:
-    """The PyTorch ``state_dict`` names of ``arch`` in order (without ``num_batches_tracked``)."""
-    return [name for name, *_ in _entries(_layout(arch, num_classes))]
+    """The PyTorch ``state_dict`` names of ``arch`` in order (without ``num_batches_tracked``).
+
+    For ``"resnet18"`` the shortcut convs of ``layer2.0``, ``layer3.0`` and ``layer4.0`` are
+    included (those of the standard 64/128/256/512 network).
+    """
+    optional = {f"heads_{k}" for k in range(num_classes)} | {f"layer{s}_0" for s in (2, 3, 4)}
+    has = lambda path: path[0] in optional  # noqa: E731
+    return [name for name, *_ in _entries(_layout(arch, has))]
 
 
 def to_torch_state_dict(
@@ -178,7 +198,7 @@ def to_torch_state_dict(
     """Variables of model ``arch`` as a PyTorch-style ordered state dict of numpy arrays.
 
     Args:
-      arch: ``"conformer"`` or ``"baseline"``.
+      arch: ``"conformer"``, ``"baseline"`` or ``"resnet18"``.
       variables: either the full variables ``{"params": ..., "batch_stats": ...}`` or the
         ``params`` tree alone.
       batch_stats: the ``"batch_stats"`` tree (baseline), if not inside ``variables``.
@@ -195,7 +215,7 @@ def to_torch_state_dict(
     flat = _flatten(params, "params")
     if batch_stats is not None:
         flat.update(_flatten(batch_stats, "batch_stats"))
-    layout = _layout(arch, _num_classes(arch, params))
+    layout = _layout(arch, lambda path: ("params",) + path + ("kernel",) in flat)
     out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     used = set()
     for name, collection, path, kind, leaf in _entries(layout):
@@ -222,17 +242,10 @@ def from_torch_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict[str,
     Raises ``ValueError`` naming missing or unexpected entries.
     """
     names = [n for n in state_dict if not n.endswith(".num_batches_tracked")]
-    if arch == "conformer":
-        num_classes = sum(1 for n in names if re.fullmatch(r"heads\.\d+\.weight", n))
-    elif arch == "baseline":
-        if "head.4.bias" not in state_dict:
-            raise ValueError("baseline state dict has no head.4.bias")
-        num_classes = int(np.shape(state_dict["head.4.bias"])[0])
-    else:
-        num_classes = 0
     variables: dict[str, Any] = {}
     used = set()
-    for name, collection, path, kind, leaf in _entries(_layout(arch, num_classes)):
+    has = lambda path: _torch_prefix(path) + ".weight" in state_dict  # noqa: E731
+    for name, collection, path, kind, leaf in _entries(_layout(arch, has)):
         if name not in state_dict:
             raise ValueError(f"{arch}: state dict entry {name!r} is missing")
         used.add(name)

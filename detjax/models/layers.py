@@ -46,6 +46,8 @@ __all__ = [
     "avg_pool1d",
     "BatchNorm",
     "check_ecg_input",
+    "check_init_mode",
+    "ECG_INIT_MODES",
 ]
 
 # TF32 off (METHOD §5): every contraction is requested at full float32 precision,
@@ -194,7 +196,9 @@ def adaptive_avg_pool1d(x: jax.Array, out_len: int) -> jax.Array:
     return jnp.einsum("ol,blc->boc", a, x, precision=PRECISION)
 
 
-def _strided_windows(x: jax.Array, window: int, stride: int, padding: int, pad_value: float) -> list[jax.Array]:
+def _strided_windows(
+    x: jax.Array, window: int, stride: int, padding: int, pad_value: float
+) -> list[jax.Array]:
     """The ``window`` strided slices ``xp[:, j::stride][:out_len]`` of the padded input.
 
     Slice ``j`` holds tap ``j`` of every output window; their transposes are pads, so
@@ -278,6 +282,16 @@ class BatchNorm(nn.Module):
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
                 ra_var.value = m * ra_var.value + (1.0 - m) * (var * (n / (n - 1)))
         return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+
+
+# Inits of the ECG models: a structured basis (or "mixed" by stage) or PyTorch's default.
+ECG_INIT_MODES = ("mixed",) + tuple(di.BASES) + ("kaiming",)
+
+
+def check_init_mode(init_mode: str, model: str) -> None:
+    """Raise ``ValueError`` naming ``init_mode`` unless it is one of :data:`ECG_INIT_MODES`."""
+    if init_mode not in ECG_INIT_MODES:
+        raise ValueError(f"{model}: unknown init {init_mode!r}; expected one of {ECG_INIT_MODES}")
 
 
 def check_ecg_input(x: jax.Array, in_leads: int, model: str) -> jax.Array:

@@ -1,0 +1,78 @@
+"""`experiments/ptbxl.py` end to end on a tiny subset of the vendored sample, twice."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--arch", "conformer", "--init", "mixed", "--epochs", "1", "--limit", "24", "--batch-size", "8",
+        "--cpu-threads", "1", "--no-progress"]
+
+
+def _run(out, *extra, cache_dir):
+    env = dict(os.environ)
+    # Both processes share XLA's persistent compilation cache: the second one loads the
+    # compiled program instead of recompiling (same executable, so the same bits).
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "ptbxl.py"), *ARGS, "--out", str(out), *extra],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ptbxl")
+    cache = base / "xla-cache"
+    runs = []
+    for name in ("first", "second"):
+        proc = _run(base / name, cache_dir=cache)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append((base / name, proc.stdout))
+    return runs
+
+
+def test_cli_writes_the_expected_files(two_runs):
+    out, stdout = two_runs[0]
+    for name in ("result.json", "manifest.json", "training_curve.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "checkpoints").iterdir())
+    result = json.loads((out / "result.json").read_text())
+    for key in ("macro_auc", "per_class_auc", "init_sha256", "final_sha256", "init_md5", "final_md5", "n_params"):
+        assert key in result, key
+    assert result["n_params"] == 1_827_634
+    assert list(result["per_class_auc"]) == ["SR", "AFIB", "STACH", "SARRH", "SBRAD", "PACE", "SVARR", "BIGU",
+                                             "AFLT", "SVTAC", "PSVT", "TRIGU"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["task"] == "ptbxl" and manifest["config"]["data"]["limit"] == 24
+    assert manifest["data_info"]["source"]
+    # The printed report names the hashes and the run directory.
+    assert result["final_sha256"] in stdout and str(out) in stdout and "macro_auc" in stdout
+    assert "NOT comparable" in stdout
+
+
+def test_two_runs_of_the_same_command_give_the_same_final_hash(two_runs):
+    (a, _), (b, _) = two_runs
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
+    assert ra["final_sha256"] == rb["final_sha256"]
+    assert ra["init_sha256"] == rb["init_sha256"]
+
+
+def test_existing_run_directory_is_refused(two_runs, tmp_path):
+    out, _ = two_runs[0]
+    before = (out / "result.json").read_bytes()
+    proc = _run(out, cache_dir=tmp_path)
+    assert proc.returncode == 2
+    assert "nothing was overwritten" in proc.stderr
+    assert (out / "result.json").read_bytes() == before
+
+
+def test_bad_data_dir_gives_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "ptbxl.py"), "--data-dir",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--epochs", "1"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr

@@ -31,6 +31,23 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs: int, epochs_note: str):
+    """Parses ``argv``, configures the process for bit-identical work FIRST (before any JAX
+    computation), and resolves the epoch count (announcing the default when it applies).
+
+    Returns ``(args, epochs)``; ``args.environment`` holds the environment fingerprint.
+    """
+    args = parser.parse_args(argv)
+    from detjax import determinism
+
+    args.environment = determinism.configure(cpu_threads=args.cpu_threads)
+    epochs = args.epochs
+    if epochs is None:
+        epochs = default_epochs
+        print(f"epochs: {epochs} by default ({epochs_note})", flush=True)
+    return args, epochs
+
+
 def default_out(name: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{name}-{stamp}"

@@ -451,7 +451,6 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         config=config.to_dict(), config_hash=config_hash, data_fingerprint=data_fingerprint,
         environment=environment, init_digests=init_digests, n_params=n_params,
         data_info=data.info)
-    manifest_lib.write_json_atomic(workdir / "manifest.json", run_manifest)
 
     device_count = 1
     checkpointer = Checkpointer(workdir / "checkpoints", config_hash=config_hash,
@@ -459,13 +458,22 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     best = initial_best(init_state)
     history: list[dict[str, Any]] = []
     state = init_state
+    # Restore (and verify) BEFORE touching the manifest: a refused checkpoint leaves the
+    # run directory exactly as it was.
     restored = checkpointer.restore_latest(_state_dict(init_state), best) if resume else None
     if restored is not None:
         state_dict, best, sidecar = restored
         state = flax.serialization.from_state_dict(init_state, state_dict)
         history = list(sidecar.get("history", []))
+        previous = workdir / "manifest.json"
+        if previous.exists():
+            earlier = json.loads(previous.read_text())
+            run_manifest["started_utc"] = earlier.get("started_utc", run_manifest["started_utc"])
+            run_manifest["resumed_from"] = list(earlier.get("resumed_from", []))
         run_manifest.setdefault("resumed_from", []).append(
-            {"step": sidecar["step"], "state_sha256": sidecar["state_sha256"]})
+            {"step": sidecar["step"], "state_sha256": sidecar["state_sha256"],
+             "environment": environment})
+    manifest_lib.write_json_atomic(workdir / "manifest.json", run_manifest)
     state = jax.device_put(state)
 
     train_x = jax.device_put(data.train_x)

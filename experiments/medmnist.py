@@ -22,7 +22,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from detjax.cli import add_common_flags, run_experiment  # noqa: E402
+from detjax.cli import add_common_flags, parse_and_configure, run_experiment  # noqa: E402
 
 DEFAULT_EPOCHS = 5
 DEFAULT_EPOCHS_NOTE = ("chosen so vendored BreastMNIST trains in about 7 minutes on a 2-core CPU; the paper's "
@@ -42,16 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from detjax import determinism
-
-    args.environment = determinism.configure(cpu_threads=args.cpu_threads)
+    args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
+                                       epochs_note=DEFAULT_EPOCHS_NOTE)
     from detjax.train import TrainConfig
 
-    epochs = args.epochs
-    if epochs is None:
-        epochs = DEFAULT_EPOCHS
-        print(f"epochs: {epochs} by default ({DEFAULT_EPOCHS_NOTE})", flush=True)
     flag = args.flag.lower()
     # ResNet-18's baseline is He-normal; "kaiming" on the command line means that here.
     init = "he_normal" if args.init == "kaiming" else args.init

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import add_common_flags, run_experiment  # noqa: E402
+from detjax.cli import add_common_flags, parse_and_configure, run_experiment  # noqa: E402
 
 # With the 500-record sample (~400 training records, 4 batches of 128) the Conformer takes
 # about DEFAULT_EPOCHS_NOTE on this project's 2-core CPU machine; see docs/RESULTS.md.
@@ -42,16 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from detjax import determinism
-
-    args.environment = determinism.configure(cpu_threads=args.cpu_threads)
+    args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
+                                       epochs_note=DEFAULT_EPOCHS_NOTE)
     from detjax.train import TrainConfig
 
-    epochs = args.epochs
-    if epochs is None:
-        epochs = DEFAULT_EPOCHS
-        print(f"epochs: {epochs} by default ({DEFAULT_EPOCHS_NOTE})", flush=True)
     if args.data_dir is None:
         print("data: the vendored 500-record PTB-XL sample (records 1-500, CC BY 4.0); its AUCs are "
               "NOT comparable to the paper's full-data numbers", flush=True)

@@ -197,21 +197,26 @@ def test_checkpoint_of_another_config_is_refused(finished_run, tmp_path):
         _run(small_config(seed=3), other, resume=True)
 
 
-def _corrupt_one_data_file(checkpoint_dir):
+def _corrupt_data_files(checkpoint_dir):
     data_files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.parent.name == "d"
                         and "state" in p.parts)
     assert data_files, "no orbax data files found"
-    target = max(data_files, key=lambda p: p.stat().st_size)
-    raw = bytearray(target.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    target.write_bytes(bytes(raw))
+    # Invert the second half of every array data file (a flipped byte in a region orbax does
+    # not read would be harmless, and undetectable by design).
+    for target in data_files:
+        raw = bytearray(target.read_bytes())
+        for i in range(len(raw) // 2, len(raw)):
+            raw[i] ^= 0xFF
+        target.write_bytes(bytes(raw))
 
 
 def test_corrupted_checkpoint_is_refused(finished_run, tmp_path):
     workdir, _ = finished_run
     broken = tmp_path / "broken"
-    shutil.copytree(workdir / "checkpoints", broken / "checkpoints")
+    shutil.copytree(workdir, broken)
     step_dir = max((p for p in (broken / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    _corrupt_one_data_file(step_dir)
+    _corrupt_data_files(step_dir)
+    manifest_before = (broken / "manifest.json").read_bytes()
     with pytest.raises(CheckpointCorruptError, match="checkpoint"):
         _run(small_config(), broken, resume=True)
+    assert (broken / "manifest.json").read_bytes() == manifest_before  # a refusal changes nothing

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 
-def _configure(cpu_threads: int | None):
-    from detjax import determinism
+def _configure(cpu_threads: int | None, devices: int | None = None):
+    from detjax.cli import configure_process
 
-    return determinism.configure(cpu_threads=cpu_threads)
+    return configure_process(cpu_threads, devices)
 
 
 def _load_config_file(path: Path):
@@ -34,14 +34,15 @@ def _load_config_file(path: Path):
 
 
 def cmd_run(args) -> int:
-    environment = _configure(args.cpu_threads)
+    environment = _configure(args.cpu_threads, args.devices)
     from detjax import tasks
     from detjax.train import train_and_evaluate
 
     config = _load_config_file(Path(args.config))
     data = tasks.load_task(config)
     result = train_and_evaluate(config, data, args.out, resume=args.resume, environment=environment,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, devices=args.devices or 1,
+                                allow_device_change=args.allow_device_change)
     print(json.dumps({k: result[k] for k in ("final_sha256", "final_md5", "init_sha256", "run_dir")}))
     return 0
 
@@ -60,7 +61,7 @@ def _restore_final_state(run_dir: Path, config):
     tx = make_optimizer(config, math.ceil(data.train_x.shape[0] / config.batch_size))
     state = create_train_state(model, tx, data.train_x[:1], config.seed)
     best = initial_best(state)
-    ckpt = Checkpointer(run_dir / "checkpoints", config_hash=config.hash())
+    ckpt = Checkpointer(run_dir / "checkpoints", config_hash=config.hash(), allow_device_change=True)  # read-only use
     restored = ckpt.restore(config.epochs, _state_dict(state), best)
     ckpt.close()
     return restored[0]
@@ -84,6 +85,9 @@ def cmd_verify(args) -> int:
         cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), "--no-progress"]
         if recorded_threads:
             cmd += ["--cpu-threads", str(recorded_threads)]
+        recorded_devices = manifest.get("mesh", {}).get("devices", 1)
+        if recorded_devices > 1:
+            cmd += ["--devices", str(recorded_devices)]
         print(f"re-running {run_dir.name} (config {manifest['config_hash'][:12]}) in a fresh process ...",
               flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -104,6 +108,8 @@ def cmd_verify(args) -> int:
         env_cmd = [sys.executable, "-m", "detjax", "env"]
         if recorded_threads:
             env_cmd += ["--cpu-threads", str(recorded_threads)]
+        if recorded_devices > 1:
+            env_cmd += ["--devices", str(recorded_devices)]
         env_now = json.loads(subprocess.run(env_cmd, stdout=subprocess.PIPE, text=True).stdout)
         changed = sorted(k for k in set(env_now) | set(manifest["environment"])
                          if env_now.get(k) != manifest["environment"].get(k))
@@ -120,7 +126,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_env(args) -> int:
-    print(json.dumps(_configure(args.cpu_threads), indent=2, sort_keys=True))
+    print(json.dumps(_configure(args.cpu_threads, args.devices), indent=2, sort_keys=True))
     return 0
 
 
@@ -134,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--resume", action="store_true", help="continue a run directory's last checkpoint")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--cpu-threads", type=int, default=None, help="pin the CPU backend to N threads")
+    from detjax.cli import add_device_flags
+
+    add_device_flags(run)
     run.set_defaults(fn=cmd_run)
     verify = sub.add_parser("verify", help="re-run a run directory's config and compare final hashes")
     verify.add_argument("run_dir")
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     verify.set_defaults(fn=cmd_verify)
     env = sub.add_parser("env", help="print the environment fingerprint")
     env.add_argument("--cpu-threads", type=int, default=None)
+    env.add_argument("--devices", type=int, default=None)
     env.set_defaults(fn=cmd_env)
     args = parser.parse_args(argv)
     try:

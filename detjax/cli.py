@@ -29,6 +29,25 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="pin the CPU backend to N threads (CPU bits depend on the thread count)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_flags(parser)
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", type=int, default=None,
+                        help="data-parallel device count (default: all visible). On CPU, N host "
+                             "devices are created for N > 1. The bits depend on N; the manifest records it")
+    parser.add_argument("--allow-device-change", action="store_true",
+                        help="with --resume: continue a checkpoint written on another device count "
+                             "(the result is then not bit-identical to either)")
+
+
+def configure_process(cpu_threads: int | None, devices: int | None) -> dict:
+    """``determinism.configure`` plus, for ``devices > 1``, that many CPU host devices (the flag
+    only concerns the host platform, so it is harmless on GPU machines)."""
+    from detjax import determinism
+
+    extra = [f"--xla_force_host_platform_device_count={devices}"] if devices and devices > 1 else []
+    return determinism.configure(cpu_threads=cpu_threads, extra_xla_flags=extra)
 
 
 def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs: int, epochs_note: str):
@@ -38,9 +57,7 @@ def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs
     Returns ``(args, epochs)``; ``args.environment`` holds the environment fingerprint.
     """
     args = parser.parse_args(argv)
-    from detjax import determinism
-
-    args.environment = determinism.configure(cpu_threads=args.cpu_threads)
+    args.environment = configure_process(args.cpu_threads, args.devices)
     epochs = args.epochs
     if epochs is None:
         epochs = default_epochs
@@ -81,7 +98,8 @@ def run_experiment(config, args, *, augment=None) -> int:
         print(f"task {config.task}: {data.train_x.shape[0]} train / {data.val_x.shape[0]} val / "
               f"{data.test_x.shape[0]} test samples; config hash {config.hash()[:16]}", flush=True)
         result = train_and_evaluate(config, data, out, resume=args.resume, environment=args.environment,
-                                    progress=not args.no_progress, augment=augment)
+                                    progress=not args.no_progress, augment=augment, devices=args.devices,
+                                    allow_device_change=args.allow_device_change)
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

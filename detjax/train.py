@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from detjax import hashing, manifest as manifest_lib, ordering
 
@@ -46,6 +47,8 @@ __all__ = [
     "create_train_state",
     "make_train_step",
     "make_predict",
+    "make_mesh",
+    "shard_batch",
     "predict",
     "protocol_eval_epochs",
     "train_and_evaluate",
@@ -268,13 +271,21 @@ def _sown_losses(collections: Mapping[str, Any]) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
                     pos_weight: np.ndarray | None = None,
-                    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None):
+                    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+                    mesh: Mesh | None = None):
     """``train_step(state, batch) -> (state, metrics)``, pure and jitted (state donated).
 
     ``batch`` is ``{"x", "y"}`` plus ``"index"`` (the samples' dataset indices) when
     ``augment(x, index, epoch)`` is given. Dropout draws from
     ``fold_in(state.rng, state.step)``, so the randomness is a function of the step alone.
     The loss adds every value the model sowed into its ``"losses"`` collection.
+
+    With a 1-D ``mesh`` (axis ``"data"``, see :func:`make_mesh`) the step runs data-parallel
+    under XLA's SPMD partitioner: the batch is split along its first axis over the devices,
+    the state is replicated, and the gradient (a mean over the global batch) is reduced by
+    XLA collectives. The math is the single-device step's; only the placement and so the
+    order of the cross-device sums change. A batch whose size the device count does not
+    divide (the last partial batch of an epoch) runs replicated on every device.
     """
     weight = None if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
 
@@ -314,7 +325,68 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: 
         return new_state, {"loss": main + aux, "data_loss": main, "aux_loss": aux,
                            "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step_fn, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    split = jax.jit(step_fn, in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS))),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+    whole = jax.jit(step_fn, in_shardings=(replicated, replicated),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+
+    def train_step(state, batch):
+        batch = shard_batch(batch, mesh)
+        return (split if batch_is_split(batch, mesh) else whole)(state, batch)
+
+    return train_step
+
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: int | None = None) -> Mesh | None:
+    """A 1-D mesh (axis ``"data"``) over the first ``devices`` devices, or ``None`` for one.
+
+    ``None`` means every visible device. With one device no mesh is used at all, so
+    single-device runs are exactly the plain jitted step.
+    """
+    available = jax.devices()
+    n = len(available) if devices is None else int(devices)
+    if n < 1 or n > len(available):
+        raise ValueError(
+            f"asked for {n} devices but {len(available)} {available[0].platform} device(s) are visible; "
+            "on CPU, more host devices need --devices before the backend starts "
+            "(XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    return None if n == 1 else Mesh(np.array(available[:n]), (DATA_AXIS,))
+
+
+def mesh_description(mesh: Mesh | None) -> dict[str, Any]:
+    """What the manifest records about the placement."""
+    devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+    return {"axis": DATA_AXIS, "devices": len(devices), "device_ids": [d.id for d in devices],
+            "platform": devices[0].platform, "device_kind": devices[0].device_kind}
+
+
+def batch_is_split(batch: Mapping[str, Any], mesh: Mesh) -> bool:
+    """Whether ``batch`` is sharded over the mesh (its size divisible by the device count)."""
+    return next(iter(batch.values())).shape[0] % mesh.size == 0
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places the global ``batch`` on ``mesh``: split along axis 0 when the device count
+    divides the batch size, replicated otherwise (the same global batch either way).
+
+    Each device's slice is cut from the host copy with ``jax.make_array_from_callback``, so
+    every process only needs the global batch on its host (which it has: every process
+    computes the same order from the same data), also when the mesh spans several hosts.
+    """
+    n = next(iter(batch.values())).shape[0]
+    sharding = NamedSharding(mesh, P(DATA_AXIS) if n % mesh.size == 0 else P())
+
+    def place(value):
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return {k: place(v) for k, v in batch.items()}
 
 
 def make_predict(model: nn.Module, config: TrainConfig):
@@ -404,6 +476,7 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
                        model: nn.Module | None = None, resume: bool = True,
                        environment: dict | None = None, progress: bool = True,
                        augment: Callable | None = None, stop_after_epoch: int | None = None,
+                       devices: int | None = 1, allow_device_change: bool = False,
                        ) -> dict[str, Any]:
     """Trains ``config`` on ``data`` and writes the run directory ``workdir``.
 
@@ -411,6 +484,12 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     checkpoint of the same config is restored, verified and continued; the final state is
     then bit-identical to an uninterrupted run. ``stop_after_epoch`` ends early (used to
     test interruption) without writing results.
+
+    ``devices`` is the data-parallel device count (``None``: all visible; see
+    :func:`make_mesh`). It is not part of the config hash, but it is recorded in the manifest
+    and in every checkpoint, and resuming on another count is refused unless
+    ``allow_device_change`` is set, because the cross-device reduction order (and so the
+    bits) depends on it.
 
     Returns the result dictionary also written to ``result.json``.
     """
@@ -437,7 +516,8 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         if data.augment is None:
             raise ValueError(f"config.augment is set but task {config.task!r} defines no augmentation")
         augment = data.augment
-    train_step = make_train_step(model, tx, config, weight, augment)
+    mesh = make_mesh(devices)
+    train_step = make_train_step(model, tx, config, weight, augment, mesh)
     predict_batch = make_predict(model, config)
     order_fn = _make_order_fn(config, data)
     eval_epochs = protocol_eval_epochs(config.epochs, config.eval_every)
@@ -451,10 +531,11 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         config=config.to_dict(), config_hash=config_hash, data_fingerprint=data_fingerprint,
         environment=environment, init_digests=init_digests, n_params=n_params,
         data_info=data.info)
+    run_manifest["mesh"] = mesh_description(mesh)
 
-    device_count = 1
     checkpointer = Checkpointer(workdir / "checkpoints", config_hash=config_hash,
-                                device_count=device_count)
+                                device_count=1 if mesh is None else mesh.size,
+                                allow_device_change=allow_device_change)
     best = initial_best(init_state)
     history: list[dict[str, Any]] = []
     state = init_state
@@ -474,10 +555,10 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
             {"step": sidecar["step"], "state_sha256": sidecar["state_sha256"],
              "environment": environment})
     manifest_lib.write_json_atomic(workdir / "manifest.json", run_manifest)
-    state = jax.device_put(state)
+    state = jax.device_put(state) if mesh is None else jax.device_put(state, NamedSharding(mesh, P()))
 
-    train_x = jax.device_put(data.train_x)
-    train_y = jax.device_put(data.train_y)
+    train_x = jax.device_put(data.train_x) if mesh is None else None
+    train_y = jax.device_put(data.train_y) if mesh is None else None
     gather = jax.jit(lambda a, idx: a[idx])
 
     start_epoch = int(state.epoch)
@@ -490,8 +571,12 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         for i, idx in enumerate(_epoch_batches(order, config.batch_size)):
             if i < int(state.position):
                 continue
-            idx_dev = jnp.asarray(idx, jnp.int32)
-            batch = {"x": gather(train_x, idx_dev), "y": gather(train_y, idx_dev), "index": idx_dev}
+            if mesh is None:  # gather on the device that holds the data
+                idx_dev = jnp.asarray(idx, jnp.int32)
+                batch = {"x": gather(train_x, idx_dev), "y": gather(train_y, idx_dev), "index": idx_dev}
+            else:  # the step shards the host batch over the mesh
+                idx = np.asarray(idx, np.int32)
+                batch = {"x": data.train_x[idx], "y": data.train_y[idx], "index": idx}
             state, metrics = train_step(state, batch)
             losses.append(metrics["loss"])
             bar.update(1)

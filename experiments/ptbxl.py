@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     data = {"data_dir": str(Path(args.data_dir).absolute()) if args.data_dir else None,
             "leads": leads, "cv_fold": args.cv_fold, "limit": args.limit}
     try:
-        config = TrainConfig(task="ptbxl", data=data, arch=args.arch, init=args.init, variant=args.variant,
+        from detjax.data.ptbxl import resolve_leads
+
+        n_leads = len(resolve_leads(leads))
+        config = TrainConfig(task="ptbxl", data=data, arch=args.arch, model={"in_leads": n_leads}, init=args.init, variant=args.variant,
                              order=args.order, seed=args.seed, epochs=epochs, batch_size=args.batch_size,
                              optimizer="adam", learning_rate=1e-3, loss="weighted_bce",
                              eval_every=args.eval_every)

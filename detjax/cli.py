@@ -100,7 +100,7 @@ def run_experiment(config, args, *, augment=None) -> int:
         result = train_and_evaluate(config, data, out, resume=args.resume, environment=args.environment,
                                     progress=not args.no_progress, augment=augment, devices=args.devices,
                                     allow_device_change=args.allow_device_change)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_result(result)

@@ -27,7 +27,9 @@ CONFIG = {
 
 
 def _env():
-    env = dict(os.environ)
+    # No shared compilation cache: each process compiles for itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

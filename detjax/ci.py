@@ -30,7 +30,6 @@ def _train_steps(args) -> dict:
     import math
 
     import jax
-    import jax.numpy as jnp
 
     from detjax import hashing, ordering
     from detjax.models import get_model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,7 +104,3 @@ def run_experiment(config, args, *, augment=None) -> int:
         return 2
     print_result(result)
     return 0
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

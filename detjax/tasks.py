@@ -12,7 +12,7 @@ so a run can be re-created from its manifest alone (``python -m detjax verify``)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 

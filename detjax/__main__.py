@@ -18,12 +18,6 @@ import tempfile
 from pathlib import Path
 
 
-def _configure(cpu_threads: int | None, devices: int | None = None):
-    from detjax.cli import configure_process
-
-    return configure_process(cpu_threads, devices)
-
-
 def _load_config_file(path: Path):
     from detjax.train import TrainConfig
 
@@ -34,7 +28,9 @@ def _load_config_file(path: Path):
 
 
 def cmd_run(args) -> int:
-    environment = _configure(args.cpu_threads, args.devices)
+    from detjax.cli import configure_process
+
+    environment = configure_process(args.cpu_threads, args.devices)
     from detjax import tasks
     from detjax.train import train_and_evaluate
 
@@ -82,12 +78,13 @@ def cmd_verify(args) -> int:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(manifest["config"]))
         out = Path(args.out).absolute() if args.out else Path(tmp) / "rerun"
-        cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), "--no-progress"]
-        if recorded_threads:
-            cmd += ["--cpu-threads", str(recorded_threads)]
+        # The re-run and the environment check use the recorded thread and device counts.
+        placement = ["--cpu-threads", str(recorded_threads)] if recorded_threads else []
         recorded_devices = manifest.get("mesh", {}).get("devices", 1)
         if recorded_devices > 1:
-            cmd += ["--devices", str(recorded_devices)]
+            placement += ["--devices", str(recorded_devices)]
+        cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), "--no-progress",
+               *placement]
         print(f"re-running {run_dir.name} (config {manifest['config_hash'][:12]}) in a fresh process ...",
               flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -105,12 +102,8 @@ def cmd_verify(args) -> int:
             config = TrainConfig.from_dict(manifest["config"])
             report["first_difference"] = hashing.first_difference(
                 _restore_final_state(run_dir, config), _restore_final_state(out, config))
-        env_cmd = [sys.executable, "-m", "detjax", "env"]
-        if recorded_threads:
-            env_cmd += ["--cpu-threads", str(recorded_threads)]
-        if recorded_devices > 1:
-            env_cmd += ["--devices", str(recorded_devices)]
-        env_now = json.loads(subprocess.run(env_cmd, stdout=subprocess.PIPE, text=True).stdout)
+        env_now = json.loads(subprocess.run([sys.executable, "-m", "detjax", "env", *placement],
+                                            stdout=subprocess.PIPE, text=True).stdout)
         changed = sorted(k for k in set(env_now) | set(manifest["environment"])
                          if env_now.get(k) != manifest["environment"].get(k))
         report["environment_differences"] = changed
@@ -126,7 +119,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_env(args) -> int:
-    print(json.dumps(_configure(args.cpu_threads, args.devices), indent=2, sort_keys=True))
+    from detjax.cli import configure_process
+
+    print(json.dumps(configure_process(args.cpu_threads, args.devices), indent=2, sort_keys=True))
     return 0
 
 

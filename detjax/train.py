@@ -367,7 +367,7 @@ def mesh_description(mesh: Mesh | None) -> dict[str, Any]:
 
 
 def batch_is_split(batch: Mapping[str, Any], mesh: Mesh) -> bool:
-    """Whether ``batch`` is sharded over the mesh (its size divisible by the device count)."""
+    """Whether ``batch`` is split over the mesh: its size is divisible by the device count."""
     return next(iter(batch.values())).shape[0] % mesh.size == 0
 
 
@@ -379,8 +379,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     every process only needs the global batch on its host (which it has: every process
     computes the same order from the same data), also when the mesh spans several hosts.
     """
-    n = next(iter(batch.values())).shape[0]
-    sharding = NamedSharding(mesh, P(DATA_AXIS) if n % mesh.size == 0 else P())
+    sharding = NamedSharding(mesh, P(DATA_AXIS) if batch_is_split(batch, mesh) else P())
 
     def place(value):
         host = np.asarray(value)

@@ -72,6 +72,15 @@ def cmd_verify(args) -> int:
         print(f"error: {run_dir} holds an unfinished run (status {manifest.get('status')!r}); "
               "finish it with --resume before verifying", file=sys.stderr)
         return 2
+    execution = manifest.get("execution") or {}
+    if execution.get("mode") in ("vmap", "map"):
+        # Batched (vmap) or looped (lax.map) members sum in another order than a solo run
+        # (docs/seed_studies.md), so a solo re-run cannot reproduce their bits.
+        print(f"error: {run_dir} is a member of a {execution['mode']} group of seeds {execution.get('seeds')}; "
+              "its bits are the group's, not a solo run's. Re-train the group with "
+              "detjax.multiseed.train_seeds(config, data, seeds, mode=...) and compare the hashes, or train "
+              "studies with --mode sequential/unroll, whose members verify as solo runs", file=sys.stderr)
+        return 2
     expected = manifest["final_digests"]["sha256"]
     recorded_threads = manifest["environment"].get("determinism", {}).get("cpu_threads")
     with tempfile.TemporaryDirectory(prefix="detjax-verify-") as tmp:

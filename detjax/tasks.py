@@ -8,6 +8,8 @@ so a run can be re-created from its manifest alone (``python -m detjax verify``)
   tests, the CPU/GPU bitwise check and full-size timing runs (e.g. 17,418 × 1000 × 12).
 * ``ptbxl``: PTB-XL rhythm classification (:mod:`detjax.data.ptbxl`).
 * ``medmnist``: MedMNIST 2-D sets (:mod:`detjax.data.medmnist`).
+* ``cinc2017``: PhysioNet/CinC 2017 single-lead AF classification, 4 classes N/A/O/~
+  (:mod:`detjax.data.cinc2017`); use ``arch="conformer", model={"in_leads": 1}, loss="ce"``.
 """
 
 from __future__ import annotations
@@ -130,15 +132,40 @@ def _medmnist(config: TrainConfig) -> TaskData:
         val_x=arrays["x_val"], val_y=arrays["y_val"],
         test_x=arrays["x_test"], test_y=arrays["y_test"],
         labels=class_names, evaluate=evaluate, order_keys=None, augment=augment,
+        seeded_augment=augment_lib.augment_batch,
         info={"source": "medmnist", "flag": ds.flag, "size": ds.size, "task": task, "path": str(ds.path),
               "md5": ds.md5, "n": {k[2:]: int(v.shape[0]) for k, v in arrays.items() if k.startswith("x_")},
               "limit": opts.get("limit")})
+
+
+def _cinc2017(config: TrainConfig) -> TaskData:
+    from detjax.data import cinc2017
+
+    opts = dict(config.data)
+    known = {"data_dir", "window_seconds", "sampling_rate", "reference", "cv_fold", "folds", "limit"}
+    if set(opts) - known:
+        raise ValueError(f"unknown cinc2017 data options {sorted(set(opts) - known)}; known: {sorted(known)}")
+    if config.loss != "ce":
+        raise ValueError(f"cinc2017 is a single-label 4-class task (N, A, O, ~): use loss='ce', not {config.loss!r}")
+    # data_dir None: $DETJAX_CINC2017_DIR, else a ValueError naming both (no vendored copy).
+    prepared = cinc2017.load_cinc2017(opts.pop("data_dir", None), **opts)
+    info = {k: prepared[k] for k in ("sampling_rate", "window_seconds", "window_length", "cv_fold", "folds", "n",
+                                     "counts", "padded", "norm", "fingerprint", "source")}
+    info["limit"] = opts.get("limit")
+    return TaskData(
+        train_x=prepared["x_train"], train_y=prepared["y_train"],
+        val_x=prepared["x_val"], val_y=prepared["y_val"],
+        test_x=prepared["x_test"], test_y=prepared["y_test"],
+        labels=tuple(prepared["labels"]), evaluate=cinc2017.evaluate,
+        order_keys=ordering.golden_content_keys(prepared["x_train"]),
+        info=info)
 
 
 TASKS: dict[str, Callable[[TrainConfig], TaskData]] = {
     "synthetic": _synthetic,
     "ptbxl": _ptbxl,
     "medmnist": _medmnist,
+    "cinc2017": _cinc2017,
 }
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "cosine_per_epoch",
     "make_optimizer",
     "create_train_state",
+    "make_step_fn",
     "make_train_step",
     "make_predict",
     "make_mesh",
@@ -147,7 +148,9 @@ class TaskData:
     maximised by best-validation selection (macro AUC for PTB-XL). ``order_keys`` are the
     golden content keys (``ordering.golden_content_keys``); ``None`` means index keys.
     ``augment(x, index, epoch)`` is the task's deterministic augmentation, applied inside
-    the train step when ``config.augment`` is set.
+    the train step when ``config.augment`` is set; ``seeded_augment(x, index, epoch, seed)``
+    is the same with the seed as an argument (``augment`` is it at ``config.seed``), so
+    :mod:`detjax.multiseed` can give every vmapped member its own seed.
     """
 
     train_x: np.ndarray
@@ -161,6 +164,7 @@ class TaskData:
     order_keys: Any = None
     augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    seeded_augment: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array] | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """SHA-256/MD5 of the arrays actually used, plus their shapes."""
@@ -247,9 +251,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sampl
     params_key, dropout_key, state_key = jax.random.split(key, 3)
     # Only params and batch_stats are made mutable: sown losses/intermediates are then
     # no-ops and XLA can drop most of the forward pass (compiles in a fraction of the time).
-    variables = jax.jit(lambda x: model.init({"params": params_key, "dropout": dropout_key}, x,
-                                             train=False, mutable=["params", "batch_stats"]))(
-        jnp.asarray(sample_x))
+    # The keys are arguments, not constants, so every seed runs the same compiled program
+    # (a persistent compilation cache then serves all members of a seed study).
+    variables = jax.jit(lambda pk, dk, x: model.init({"params": pk, "dropout": dk}, x, train=False,
+                                                     mutable=["params", "batch_stats"]))(
+        params_key, dropout_key, jnp.asarray(sample_x))
     variables = flax.core.unfreeze(variables)
     params = variables.pop("params")
     batch_stats = variables.pop("batch_stats", {})
@@ -269,23 +275,16 @@ def _sown_losses(collections: Mapping[str, Any]) -> jax.Array:
     return sum(leaves, jnp.float32(0.0))
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
-                    pos_weight: np.ndarray | None = None,
-                    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
-                    mesh: Mesh | None = None):
-    """``train_step(state, batch) -> (state, metrics)``, pure and jitted (state donated).
+def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
+                 pos_weight: np.ndarray | None = None,
+                 augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None):
+    """The pure, un-jitted ``step_fn(state, batch) -> (state, metrics)``.
 
     ``batch`` is ``{"x", "y"}`` plus ``"index"`` (the samples' dataset indices) when
     ``augment(x, index, epoch)`` is given. Dropout draws from
     ``fold_in(state.rng, state.step)``, so the randomness is a function of the step alone.
     The loss adds every value the model sowed into its ``"losses"`` collection.
-
-    With a 1-D ``mesh`` (axis ``"data"``, see :func:`make_mesh`) the step runs data-parallel
-    under XLA's SPMD partitioner: the batch is split along its first axis over the devices,
-    the state is replicated, and the gradient (a mean over the global batch) is reduced by
-    XLA collectives. The math is the single-device step's; only the placement and so the
-    order of the cross-device sums change. A batch whose size the device count does not
-    divide (the last partial batch of an epoch) runs replicated on every device.
+    :func:`make_train_step` jits it; :mod:`detjax.multiseed` vmaps it over seeds.
     """
     weight = None if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
 
@@ -325,6 +324,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: 
         return new_state, {"loss": main + aux, "data_loss": main, "aux_loss": aux,
                            "grad_norm": optax.tree.norm(grads)}
 
+    return step_fn
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
+                    pos_weight: np.ndarray | None = None,
+                    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+                    mesh: Mesh | None = None):
+    """``train_step(state, batch) -> (state, metrics)``: :func:`make_step_fn`, jitted (state donated).
+
+    With a 1-D ``mesh`` (axis ``"data"``, see :func:`make_mesh`) the step runs data-parallel
+    under XLA's SPMD partitioner: the batch is split along its first axis over the devices,
+    the state is replicated, and the gradient (a mean over the global batch) is reduced by
+    XLA collectives. The math is the single-device step's; only the placement and so the
+    order of the cross-device sums change. A batch whose size the device count does not
+    divide (the last partial batch of an epoch) runs replicated on every device.
+    """
+    step_fn = make_step_fn(model, tx, config, pos_weight, augment)
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
     replicated = NamedSharding(mesh, P())
@@ -512,9 +528,15 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     tx = make_optimizer(config, batches_per_epoch)
     weight = pos_weights(data.train_y) if config.loss == "weighted_bce" else None
     if augment is None and config.augment:
-        if data.augment is None:
+        if data.seeded_augment is not None:
+            # The augmentation keys follow THIS config's seed, also when ``data`` was loaded
+            # for another seed (a seed study loads the data once for all members).
+            seed = config.seed
+            augment = lambda x, index, epoch: data.seeded_augment(x, index, epoch, seed)  # noqa: E731
+        elif data.augment is None:
             raise ValueError(f"config.augment is set but task {config.task!r} defines no augmentation")
-        augment = data.augment
+        else:
+            augment = data.augment
     mesh = make_mesh(devices)
     train_step = make_train_step(model, tx, config, weight, augment, mesh)
     predict_batch = make_predict(model, config)

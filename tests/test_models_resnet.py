@@ -85,6 +85,17 @@ def test_param_count_breastmnist_is_exact():
     assert convs + 2 * bn_channels + 512 * 2 + 2 == NUM_PARAMS
 
 
+def test_reduced_width_scales_every_stage():
+    model = ResNet18(num_classes=2, in_channels=1, init_mode="dct", width=16)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    # Widths 16/32/64/128: each 3x3 conv has 1/16 of the weights; BN and head shrink by 4.
+    assert count_params(shapes["params"]) == 700_146
+    assert shapes["params"]["layer4_1"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert shapes["params"]["conv1"]["kernel"].shape == (3, 3, 1, 16)
+    with pytest.raises(ValueError, match="width"):
+        ResNet18(num_classes=2, in_channels=1, width=0).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
 @pytest.mark.parametrize("in_channels,num_classes,expected", [(3, 10, 11_173_962), (3, 9, None), (1, 14, None)])
 def test_param_count_formula(in_channels, num_classes, expected):
     model = ResNet18(num_classes=num_classes, in_channels=in_channels, init_mode="he_normal")

@@ -152,6 +152,9 @@ class ResNet18(nn.Module):
         :func:`detjax.models.get_model` (``get_model("resnet18", init="dct", ...)``); a Flax
         field named ``init`` would shadow ``Module.init``, hence the name.
       variant: ``"reference"`` (the original's matrices) or ``"orthonormal"``.
+      width: stem and first-stage channels; stages use ``width·(1, 2, 4, 8)``. 64 is
+        METHOD's ResNet-18; smaller widths (e.g. 16, about 1/16 of the FLOPs) are for
+        reduced CPU studies and must be reported as such.
 
     ``__call__(x, train=False)``: in training BN uses batch statistics and updates the
     running ones (call with ``mutable=["batch_stats"]``).
@@ -161,10 +164,13 @@ class ResNet18(nn.Module):
     in_channels: int
     init_mode: str = "dct"
     variant: str = "reference"
+    width: int = STEM_WIDTH
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         _check_init(self.init_mode)
+        if self.width < 1:
+            raise ValueError(f"ResNet18 width must be a positive channel count, got {self.width}")
         if getattr(x, "ndim", None) != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"ResNet18 expects a channel-last batch (B, H, W, {self.in_channels}), "
@@ -173,11 +179,12 @@ class ResNet18(nn.Module):
         x = jnp.asarray(x, jnp.float32)
         kw = dict(init=self.init_mode, variant=self.variant)
 
-        x = _conv(STEM_WIDTH, 3, 1, stage="stem", name="conv1", **kw)(x)
+        x = _conv(self.width, 3, 1, stage="stem", name="conv1", **kw)(x)
         x = nn.relu(L.BatchNorm(name="bn1")(x, use_running_average=not train))
         self.sow("intermediates", "stem", x)
 
-        for s, (width, depth, stride) in enumerate(zip(STAGE_WIDTHS, STAGE_DEPTHS, STAGE_STRIDES)):
+        for s, (base_width, depth, stride) in enumerate(zip(STAGE_WIDTHS, STAGE_DEPTHS, STAGE_STRIDES)):
+            width = self.width * base_width // STEM_WIDTH
             for b in range(depth):
                 stage, strides = f"stage{s}", stride if b == 0 else 1
                 block = BasicBlock(width, strides, stage, self.init_mode, self.variant, name=f"layer{s + 1}_{b}")

@@ -1,0 +1,349 @@
+"""Many seeds of one recipe trained at once, in ONE compiled program.
+
+A seed study trains the same :class:`~detjax.train.TrainConfig` for seeds ``s_1 … s_k``.
+What a seed changes is the Kaiming/He initialisation (structured bases ignore it), the
+seeded batch order (``order="seeded"``: a permutation from ``seed + epoch``), the
+augmentation keys and dropout. :func:`train_seeds` stacks the k members' states along a
+leading axis and runs
+
+    states' = step_k(states, idx[k, B], seeds[k], train_x, train_y)
+
+where ``step_k`` is the single-run step (:func:`detjax.train.make_step_fn`, with the batch
+gather and the member's seeded augmentation inside) mapped over the member axis:
+
+* ``mode="vmap"``: ``jax.vmap`` — the members' arithmetic is batched (a batched matmul
+  or a grouped convolution instead of k separate ones). Fastest where one member does not
+  fill the device (small models on a GPU). XLA may sum in another order than for one
+  member, so a member's bits need not equal the same seed trained alone; they are still
+  identical from run to run.
+* ``mode="map"``: ``jax.lax.map`` — the same k members run one after the other inside the
+  one program. It has each member's own (unbatched) arithmetic; whether its bits equal the
+  solo run is measured in ``tests/test_multiseed.py`` and documented in docs/seed_studies.md.
+
+The initial states are made by the same vmapped/mapped program from the seeds (``jax.random``
+is counter based, so the draws do not depend on batching). Each member's result, manifest
+(with an ``"execution"`` record naming the mode and the group) and hashes are written to its
+own directory, like a single run's. The group checkpoints after every epoch and resumes bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detjax import hashing, manifest as manifest_lib
+from detjax import train as train_lib
+from detjax.train import TaskData, TrainConfig, TrainState
+
+__all__ = ["MODES", "member_config", "init_member_states", "make_members_step", "make_members_predict",
+           "member_slice", "stack_members", "train_seeds"]
+
+MODES = ("vmap", "map", "unroll")
+
+
+def member_config(config: TrainConfig, seed: int) -> TrainConfig:
+    """The recipe of one member: ``config`` with its ``seed``."""
+    return dataclasses.replace(config, seed=int(seed))
+
+
+def _map_members(fn: Callable, mode: str, in_axes: tuple) -> Callable:
+    """``fn`` mapped over the leading (member) axis of the arguments whose ``in_axes`` is 0.
+
+    ``vmap`` batches the arithmetic; ``map`` runs a ``lax.map`` loop whose body is ``fn``
+    itself, the per-member computation of a solo run.
+    """
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+    if mode not in ("map", "unroll"):
+        raise ValueError(f"unknown multi-seed mode {mode!r}; expected one of {MODES}")
+    per_member = [i for i, axis in enumerate(in_axes) if axis == 0]
+
+    def with_members(args, sliced):
+        full = list(args)
+        for i, value in zip(per_member, sliced):
+            full[i] = value
+        return fn(*full)
+
+    def mapped(*args):
+        members = tuple(args[i] for i in per_member)
+        if mode == "map":
+            return jax.lax.map(lambda sliced: with_members(args, sliced), members)
+        k = jax.tree_util.tree_leaves(members)[0].shape[0]
+        outs = [with_members(args, jax.tree_util.tree_map(lambda a: a[j], members)) for j in range(k)]
+        return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
+
+    return mapped
+
+
+def init_member_states(model, tx, sample_x: np.ndarray, seeds: Sequence[int], mode: str = "vmap") -> TrainState:
+    """Stacked initial states, ``member_slice(states, j) == create_train_state(..., seeds[j])``.
+
+    Every member's state is derived from its seed exactly as
+    :func:`detjax.train.create_train_state` derives it: ``key(seed)`` split into the params,
+    dropout and state keys. ``tests/test_multiseed.py`` checks the byte equality.
+    """
+    x = jnp.asarray(sample_x)
+
+    def init_one(seed):
+        key = jax.random.key(seed)
+        params_key, dropout_key, state_key = jax.random.split(key, 3)
+        variables = model.init({"params": params_key, "dropout": dropout_key}, x, train=False,
+                               mutable=["params", "batch_stats"])
+        variables = flax.core.unfreeze(variables)
+        params = variables.pop("params")
+        batch_stats = variables.pop("batch_stats", {})
+        return TrainState(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
+                          step=jnp.int32(0), epoch=jnp.int32(0), position=jnp.int32(0),
+                          rng=jax.random.key_data(state_key))
+
+    seeds_arr = jnp.asarray(np.asarray(seeds, dtype=np.uint32))
+    return jax.jit(_map_members(init_one, mode, (0,)))(seeds_arr)
+
+
+def make_members_step(model, tx, config: TrainConfig, pos_weight: np.ndarray | None = None,
+                      seeded_augment: Callable | None = None, mode: str = "vmap") -> Callable:
+    """``step(states, idx, seeds, train_x, train_y) -> (states, metrics)``, jitted, states donated.
+
+    ``idx`` is ``int32[k, B]``: member j's batch is ``train_x[idx[j]]``. With
+    ``seeded_augment(x, index, epoch, seed)`` member j's images are augmented with
+    ``seeds[j]``, as its solo run (``TaskData.augment`` at ``config.seed``) would be.
+    ``train_x``/``train_y`` are shared (not mapped): the data stays on the device once.
+    """
+
+    def member_step(state, idx, seed, train_x, train_y):
+        augment = None if seeded_augment is None else (lambda x, index, epoch: seeded_augment(x, index, epoch, seed))
+        step_fn = train_lib.make_step_fn(model, tx, config, pos_weight, augment)
+        return step_fn(state, {"x": train_x[idx], "y": train_y[idx], "index": idx})
+
+    return jax.jit(_map_members(member_step, mode, (0, 0, 0, None, None)), donate_argnums=0)
+
+
+def make_members_predict(model, config: TrainConfig, mode: str = "vmap") -> Callable:
+    """``predict(variables, x) -> scores[k, B, C]`` for stacked member variables."""
+
+    def predict_one(variables, x):
+        logits = model.apply(variables, x, train=False)
+        return jax.nn.softmax(logits) if config.loss == "ce" else jax.nn.sigmoid(logits)
+
+    return jax.jit(_map_members(predict_one, mode, (0, None)))
+
+
+def _predict_members(predict, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Scores ``[k, N, C]``; the last batch zero-padded to ``batch_size`` (one compile)."""
+    outputs = []
+    for start in range(0, x.shape[0], batch_size):
+        chunk = x[start:start + batch_size]
+        n = chunk.shape[0]
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        outputs.append(np.asarray(predict(variables, chunk))[:, :n])
+    return np.concatenate(outputs, axis=1)
+
+
+def member_slice(tree, j: int):
+    """Member ``j`` of a stacked pytree, as host numpy arrays."""
+    return jax.tree_util.tree_map(lambda a: np.array(jax.device_get(a[j])), tree)
+
+
+def stack_members(trees: Sequence[Any]):
+    """The inverse of :func:`member_slice`: stack member pytrees along a new leading axis."""
+    return jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *trees)
+
+
+def _orders(config: TrainConfig, data: TaskData, seeds: Sequence[int]) -> list[Callable[[int], np.ndarray]]:
+    return [train_lib._make_order_fn(member_config(config, s), data) for s in seeds]
+
+
+def _group_hash(config: TrainConfig, seeds: Sequence[int], mode: str) -> str:
+    return manifest_lib.json_sha256({"config": config.to_dict(), "seeds": [int(s) for s in seeds],
+                                     "mode": mode, "kind": "detjax.multiseed"})
+
+
+def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workdir: str | Path, *,
+                mode: str = "vmap", member_dirs: Sequence[str | Path] | None = None, model=None,
+                environment: dict | None = None, progress: bool = True, resume: bool = True,
+                stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
+    """Trains ``config`` for every seed in ``seeds`` at once; returns the members' results.
+
+    ``workdir`` holds the group's checkpoints (one per epoch, verified on restore like a
+    single run's); ``member_dirs`` (default ``workdir/seed-<s>``) receive each member's
+    ``result.json`` and ``manifest.json``. A member's result has the same keys as
+    :func:`detjax.train.train_and_evaluate`'s plus ``"history"`` and ``"execution"``.
+    ``config.seed`` is ignored (each member uses its own).
+    """
+    from detjax.checkpoint import Checkpointer
+    from detjax.models import get_model
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("train_seeds needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    if any(s < 0 or s >= 2**32 for s in seeds):
+        raise ValueError(f"seeds must be in [0, 2**32), got {seeds}")
+    if mode not in MODES:
+        raise ValueError(f"unknown multi-seed mode {mode!r}; expected one of {MODES}")
+    t_start = time.perf_counter()
+    workdir = Path(workdir).absolute()
+    member_dirs = [workdir / f"seed-{s}" for s in seeds] if member_dirs is None else [Path(d).absolute()
+                                                                                     for d in member_dirs]
+    if len(member_dirs) != len(seeds):
+        raise ValueError(f"{len(member_dirs)} member directories for {len(seeds)} seeds")
+    group_hash = _group_hash(config, seeds, mode)
+    if environment is None:
+        from detjax.determinism import environment_fingerprint
+        environment = environment_fingerprint()
+    if model is None:
+        model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
+                          variant=config.variant, **dict(config.model))
+    seeded_augment = None
+    if config.augment:
+        if data.seeded_augment is None:
+            raise ValueError(f"config.augment is set but task {config.task!r} defines no seeded augmentation")
+        seeded_augment = data.seeded_augment
+
+    k = len(seeds)
+    n_train = data.train_x.shape[0]
+    batches_per_epoch = math.ceil(n_train / config.batch_size)
+    tx = train_lib.make_optimizer(config, batches_per_epoch)
+    weight = train_lib.pos_weights(data.train_y) if config.loss == "weighted_bce" else None
+    step = make_members_step(model, tx, config, weight, seeded_augment, mode)
+    predict = make_members_predict(model, config, mode)
+    order_fns = _orders(config, data, seeds)
+    eval_epochs = train_lib.protocol_eval_epochs(config.epochs, config.eval_every)
+
+    init_states = init_member_states(model, tx, data.train_x[:1], seeds, mode)
+    init_host = [member_slice(train_lib._state_dict(init_states), j) for j in range(k)]
+    init_digests = [hashing.tree_digests(d) for d in init_host]
+    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_host[0]["params"])))
+    data_fingerprint = data.fingerprint()
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(workdir / "checkpoints", config_hash=group_hash)
+    # Host copies: the states' device buffers are donated to the first step.
+    best = {"params": train_lib._host_copy(init_states.params),
+            "batch_stats": train_lib._host_copy(init_states.batch_stats),
+            "epoch": np.full(k, -1, np.int32), "score": np.full(k, -np.inf, np.float32)}
+    histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
+    states = init_states
+    restored = checkpointer.restore_latest(train_lib._state_dict(init_states), best) if resume else None
+    if restored is not None:
+        state_dict, best, sidecar = restored
+        states = flax.serialization.from_state_dict(init_states, state_dict)
+        histories = [list(h) for h in sidecar.get("histories", histories)]
+    states = jax.device_put(states)
+    train_x, train_y = jax.device_put(data.train_x), jax.device_put(data.train_y)
+    seeds_dev = jnp.asarray(np.asarray(seeds, np.uint32))
+
+    bar = train_lib._progress(total=config.epochs * batches_per_epoch,
+                              initial=int(np.asarray(states.step)[0]), enabled=progress,
+                              desc=f"{config.arch}/{config.init} x{k} ({mode})")
+    start_epoch = int(np.asarray(states.epoch)[0])
+    for epoch in range(start_epoch, config.epochs):
+        orders = np.stack([fn(epoch) for fn in order_fns]).astype(np.int32)  # [k, n]
+        losses = []
+        done = int(np.asarray(states.position)[0])  # batches of this epoch already consumed
+        for i, start in enumerate(range(0, n_train, config.batch_size)):
+            if i < done:
+                continue
+            idx = jnp.asarray(orders[:, start:start + config.batch_size])
+            states, metrics = step(states, idx, seeds_dev, train_x, train_y)
+            losses.append(metrics["loss"])
+            bar.update(1)
+        epoch_losses = np.mean(np.stack(jax.device_get(losses)), axis=0) if losses else np.full(k, np.nan)
+        if not np.all(np.isfinite(epoch_losses)):
+            bad = [s for s, v in zip(seeds, epoch_losses) if not math.isfinite(v)]
+            raise FloatingPointError(f"training loss became non-finite in epoch {epoch} for seeds {bad}")
+        states = states.replace(epoch=states.epoch + 1, position=jnp.zeros_like(states.position))
+        lr = train_lib.tx_lr(config, batches_per_epoch, epoch)
+        records = [{"epoch": epoch, "train_loss": float(v), "lr": lr} for v in epoch_losses]
+        if epoch in eval_epochs:
+            scores = _predict_members(predict, states.variables(), data.val_x, config.eval_batch_size)
+            improved = []
+            for j in range(k):
+                val = data.evaluate(data.val_y, scores[j])
+                records[j]["val"] = val
+                improved.append(val["score"] > float(best["score"][j]))
+            if any(improved):
+                best = _update_best(best, states, improved, epoch, [r["val"]["score"] for r in records])
+            bar.set_postfix(loss=f"{float(np.mean(epoch_losses)):.4f}",
+                            val=f"{np.mean([r['val']['score'] for r in records]):.4f}")
+        for history, record in zip(histories, records):
+            history.append(record)
+        checkpointer.save(epoch + 1, train_lib._state_dict(states), best, {"histories": histories})
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            bar.close()
+            checkpointer.close()
+            return [{"stopped_after_epoch": epoch, "seed": s} for s in seeds]
+    bar.close()
+    checkpointer.close()
+
+    best_variables = {"params": best["params"]}
+    if jax.tree_util.tree_leaves(best["batch_stats"]):
+        best_variables["batch_stats"] = best["batch_stats"]
+    test_scores = _predict_members(predict, best_variables, data.test_x, config.eval_batch_size)
+    wall = time.perf_counter() - t_start
+    execution = {"mode": mode, "members": k, "seeds": seeds, "group_hash": group_hash,
+                 "group_dir": str(workdir), "wall_time_s_group": wall}
+    final_host = [member_slice(train_lib._state_dict(states), j) for j in range(k)]
+    results = []
+    for j, seed in enumerate(seeds):
+        cfg = member_config(config, seed)
+        test = data.evaluate(data.test_y, test_scores[j])
+        final_digests = hashing.tree_digests(final_host[j])
+        member_best = member_slice({"params": best["params"], "batch_stats": best["batch_stats"]}, j)
+        result = {
+            **{key: v for key, v in test.items() if key != "score"},
+            "test_score": test["score"],
+            "seed": seed,
+            "best_epoch": int(np.asarray(best["epoch"])[j]),
+            "best_val_score": float(np.asarray(best["score"])[j]),
+            "init_sha256": init_digests[j]["sha256"],
+            "init_md5": init_digests[j]["md5"],
+            "final_sha256": final_digests["sha256"],
+            "final_md5": final_digests["md5"],
+            "best_params_sha256": hashing.tree_sha256(member_best),
+            "n_params": n_params,
+            "labels": list(data.labels),
+            "epochs": config.epochs,
+            "config_hash": cfg.hash(),
+            "wall_time_s": wall / k,
+            "run_dir": str(member_dirs[j]),
+            "execution": execution,
+            "history": histories[j],
+        }
+        run_manifest = manifest_lib.new_manifest(
+            config=cfg.to_dict(), config_hash=cfg.hash(), data_fingerprint=data_fingerprint,
+            environment=environment, init_digests=init_digests[j], n_params=n_params, data_info=data.info)
+        run_manifest.update(status="finished", final_digests=final_digests, history=histories[j],
+                            metrics={key: v for key, v in result.items() if key != "history"},
+                            wall_time_s=wall / k, execution=execution)
+        member_dirs[j].mkdir(parents=True, exist_ok=True)
+        manifest_lib.write_json_atomic(member_dirs[j] / "result.json", result)
+        manifest_lib.write_json_atomic(member_dirs[j] / "manifest.json", run_manifest)
+        results.append(result)
+    return results
+
+
+def _update_best(best: dict, states: TrainState, improved: list[bool], epoch: int, scores: list[float]) -> dict:
+    """Members whose validation score improved take the current weights; the others keep theirs."""
+    mask = np.asarray(improved)
+
+    def pick(current, previous):
+        current, previous = np.asarray(jax.device_get(current)), np.asarray(jax.device_get(previous))
+        return np.where(mask.reshape((-1,) + (1,) * (current.ndim - 1)), current, previous)
+
+    return {"params": jax.tree_util.tree_map(pick, states.params, best["params"]),
+            "batch_stats": jax.tree_util.tree_map(pick, states.batch_stats, best["batch_stats"]),
+            "epoch": np.where(mask, np.int32(epoch), np.asarray(best["epoch"])).astype(np.int32),
+            "score": np.where(mask, np.asarray(scores, np.float32), np.asarray(best["score"])).astype(np.float32)}

@@ -52,6 +52,7 @@ __all__ = [
     "shard_batch",
     "predict",
     "protocol_eval_epochs",
+    "task_augmentation",
     "train_and_evaluate",
 ]
 
@@ -487,6 +488,21 @@ def _check_run_dir(workdir: Path, config_hash: str, resume: bool) -> None:
             "it, or choose another --out")
 
 
+def task_augmentation(config: TrainConfig, data: TaskData) -> Callable:
+    """``augment(x, index, epoch)`` of ``data`` at ``config.seed``.
+
+    The keys follow the config's seed also when ``data`` was loaded for another seed (a seed
+    study loads the data once for all its members): ``seeded_augment`` at ``config.seed``
+    when the task has it, else the task's ``augment``.
+    """
+    if data.seeded_augment is not None:
+        seed = config.seed
+        return lambda x, index, epoch: data.seeded_augment(x, index, epoch, seed)
+    if data.augment is None:
+        raise ValueError(f"config.augment is set but task {config.task!r} defines no augmentation")
+    return data.augment
+
+
 def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path, *,
                        model: nn.Module | None = None, resume: bool = True,
                        environment: dict | None = None, progress: bool = True,
@@ -528,15 +544,7 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     tx = make_optimizer(config, batches_per_epoch)
     weight = pos_weights(data.train_y) if config.loss == "weighted_bce" else None
     if augment is None and config.augment:
-        if data.seeded_augment is not None:
-            # The augmentation keys follow THIS config's seed, also when ``data`` was loaded
-            # for another seed (a seed study loads the data once for all members).
-            seed = config.seed
-            augment = lambda x, index, epoch: data.seeded_augment(x, index, epoch, seed)  # noqa: E731
-        elif data.augment is None:
-            raise ValueError(f"config.augment is set but task {config.task!r} defines no augmentation")
-        else:
-            augment = data.augment
+        augment = task_augmentation(config, data)
     mesh = make_mesh(devices)
     train_step = make_train_step(model, tx, config, weight, augment, mesh)
     predict_batch = make_predict(model, config)

@@ -45,7 +45,7 @@ def test_unrolled_members_equal_the_solo_runs_bit_for_bit(data, solo, tmp_path):
         assert (tmp_path / "group" / f"seed-{result['seed']}" / "manifest.json").exists()
 
 
-def test_vmapped_members_are_deterministic_resumable_and_close_to_solo(data, solo, tmp_path):
+def test_vmapped_members_are_deterministic_resumable_and_close_to_solo(data, solo, tmp_path, capsys):
     config = small_config()
     first = multiseed.train_seeds(config, data, SEEDS, tmp_path / "a", mode="vmap", progress=False)
     stopped = multiseed.train_seeds(config, data, SEEDS, tmp_path / "b", mode="vmap", progress=False,
@@ -64,6 +64,13 @@ def test_vmapped_members_are_deterministic_resumable_and_close_to_solo(data, sol
         losses = [h["train_loss"] for h in result["history"]]
         assert losses[0] == pytest.approx(_solo_losses(alone)[0], rel=1e-5)
         assert losses == pytest.approx(_solo_losses(alone), rel=1e-3)
+    # `python -m detjax verify` would re-run it alone and report a false mismatch: it refuses.
+    import argparse
+
+    from detjax.__main__ import cmd_verify
+
+    assert cmd_verify(argparse.Namespace(run_dir=str(tmp_path / "a" / "seed-3"), out=None)) == 2
+    assert "member of a vmap group of seeds [3, 7]" in capsys.readouterr().err
 
 
 def _solo_losses(result):

@@ -73,13 +73,13 @@ def cmd_verify(args) -> int:
               "finish it with --resume before verifying", file=sys.stderr)
         return 2
     execution = manifest.get("execution") or {}
-    if execution.get("mode") in ("vmap", "map"):
-        # Batched (vmap) or looped (lax.map) members sum in another order than a solo run
-        # (docs/seed_studies.md), so a solo re-run cannot reproduce their bits.
+    if execution.get("mode") in ("vmap", "map", "unroll"):
+        # A member of a multi-seed program may sum in another order than a solo run
+        # (docs/seed_studies.md), so a solo re-run need not reproduce its bits.
         print(f"error: {run_dir} is a member of a {execution['mode']} group of seeds {execution.get('seeds')}; "
-              "its bits are the group's, not a solo run's. Re-train the group with "
+              "its bits are the group's, not necessarily a solo run's. Re-train the group with "
               "detjax.multiseed.train_seeds(config, data, seeds, mode=...) and compare the hashes, or train "
-              "studies with --mode sequential/unroll, whose members verify as solo runs", file=sys.stderr)
+              "studies with --mode sequential, whose members verify as solo runs", file=sys.stderr)
         return 2
     expected = manifest["final_digests"]["sha256"]
     recorded_threads = manifest["environment"].get("determinism", {}).get("cpu_threads")

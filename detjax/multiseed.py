@@ -16,9 +16,12 @@ gather and the member's seeded augmentation inside) mapped over the member axis:
   fill the device (small models on a GPU). XLA may sum in another order than for one
   member, so a member's bits need not equal the same seed trained alone; they are still
   identical from run to run.
-* ``mode="map"``: ``jax.lax.map`` — the same k members run one after the other inside the
-  one program. It has each member's own (unbatched) arithmetic; whether its bits equal the
-  solo run is measured in ``tests/test_multiseed.py`` and documented in docs/seed_studies.md.
+* ``mode="unroll"``: the single-run step written k times into the one program.
+* ``mode="map"``: ``jax.lax.map`` — the k members run one after the other in a loop inside the
+  one program.
+
+Measured on CPU (docs/seed_studies.md): ``vmap`` and ``map`` members differ from solo runs in
+the last bits; ``unroll`` members equal them for the small ECG model but not for ResNet-18.
 
 The initial states are made by the same vmapped/mapped program from the seeds (``jax.random``
 is counter based, so the draws do not depend on batching). Each member's result, manifest

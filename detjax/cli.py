@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 
 def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], default_init: str,
-                     default_epochs: int, epochs_note: str) -> None:
+                     default_epochs: int, epochs_note: str,
+                     data_dir_help: str = "dataset directory (default: the vendored sample)") -> None:
     parser.add_argument("--init", choices=list(inits), default=default_init,
                         help=f"weight initialisation (default: {default_init})")
     parser.add_argument("--variant", choices=["reference", "orthonormal"], default="reference",
@@ -20,7 +21,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
     parser.add_argument("--seed", type=int, default=0, help="seed for Kaiming init, dropout and seeded order")
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"training epochs (default: {default_epochs}; {epochs_note})")
-    parser.add_argument("--data-dir", default=None, help="dataset directory (default: the vendored sample)")
+    parser.add_argument("--data-dir", default=None, help=data_dir_help)
     parser.add_argument("--out", default=None, help="run directory (default: runs/<experiment>-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N records of each split")

@@ -12,8 +12,9 @@ where ``step_k`` is the single-run step (:func:`detjax.train.make_step_fn`, with
 gather and the member's seeded augmentation inside) mapped over the member axis:
 
 * ``mode="vmap"``: ``jax.vmap`` — the members' arithmetic is batched (a batched matmul
-  or a grouped convolution instead of k separate ones). Fastest where one member does not
-  fill the device (small models on a GPU). XLA may sum in another order than for one
+  or a grouped convolution instead of k separate ones). Meant for devices that one small
+  member does not fill (GPUs); on the 2-core CPU it was slower than sequential steps
+  (docs/RESULTS.md). XLA may sum in another order than for one
   member, so a member's bits need not equal the same seed trained alone; they are still
   identical from run to run.
 * ``mode="unroll"``: the single-run step written k times into the one program.

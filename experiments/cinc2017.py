@@ -36,11 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["conformer", "baseline"], default="conformer")
     add_common_flags(parser, inits=INITS, default_init="mixed", default_epochs=DEFAULT_EPOCHS,
-                     epochs_note=DEFAULT_EPOCHS_NOTE)
-    for action in parser._actions:  # the shared help speaks of a vendored sample; CinC 2017 has none
-        if "--data-dir" in action.option_strings:
-            action.help = (f"folder with the A*.hea/A*.mat records and REFERENCE-v3.csv "
-                           f"(default: ${ENV_DATA_DIR}; one of the two is required)")
+                     epochs_note=DEFAULT_EPOCHS_NOTE,
+                     data_dir_help=(f"folder with the A*.hea/A*.mat records and REFERENCE-v3.csv "
+                                    f"(default: ${ENV_DATA_DIR}; one of the two is required)"))
     parser.add_argument("--window-seconds", type=float, default=10.0,
                         help="centred window per record in seconds (default 10: 1000 samples at 100 Hz)")
     parser.add_argument("--sampling-rate", type=int, default=100, help="resample 300 Hz to this rate (default 100)")

@@ -135,23 +135,12 @@ def make_members_step(model, tx, config: TrainConfig, pos_weight: np.ndarray | N
 def make_members_predict(model, config: TrainConfig, mode: str = "vmap") -> Callable:
     """``predict(variables, x) -> scores[k, B, C]`` for stacked member variables."""
 
-    def predict_one(variables, x):
-        logits = model.apply(variables, x, train=False)
-        return jax.nn.softmax(logits) if config.loss == "ce" else jax.nn.sigmoid(logits)
-
-    return jax.jit(_map_members(predict_one, mode, (0, None)))
+    return jax.jit(_map_members(train_lib.make_predict_fn(model, config), mode, (0, None)))
 
 
 def _predict_members(predict, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Scores ``[k, N, C]``; the last batch zero-padded to ``batch_size`` (one compile)."""
-    outputs = []
-    for start in range(0, x.shape[0], batch_size):
-        chunk = x[start:start + batch_size]
-        n = chunk.shape[0]
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        outputs.append(np.asarray(predict(variables, chunk))[:, :n])
-    return np.concatenate(outputs, axis=1)
+    """Scores ``[k, N, C]`` (:func:`detjax.train.predict` with the samples on axis 1)."""
+    return train_lib.predict(predict, variables, x, batch_size, sample_axis=1)
 
 
 def member_slice(tree, j: int):

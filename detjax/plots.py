@@ -15,6 +15,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lays out, writes and closes ``fig``; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_training_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
     """Training loss per epoch (left axis) and validation score where evaluated (right axis)."""
     plt = _pyplot()
@@ -30,11 +39,7 @@ def plot_training_curve(history: Sequence[dict[str, Any]], path: str | Path, *, 
                  "o-", color="tab:red", label="validation score")
         ax2.set_ylabel("validation score (macro AUC)", color="tab:red")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _arm_colors(arms: Sequence[str]) -> dict[str, Any]:
@@ -80,11 +85,7 @@ def plot_per_class_spread(members: dict[str, Sequence[dict[str, Any]]], labels: 
     ax.set_ylabel("test AUC")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_convergence(members: dict[str, Sequence[dict[str, Any]]], path: str | Path, *, title: str = "") -> Path:
@@ -118,8 +119,4 @@ def plot_convergence(members: dict[str, Sequence[dict[str, Any]]], path: str | P
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

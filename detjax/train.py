@@ -47,6 +47,7 @@ __all__ = [
     "create_train_state",
     "make_step_fn",
     "make_train_step",
+    "make_predict_fn",
     "make_predict",
     "make_mesh",
     "shard_batch",
@@ -405,26 +406,34 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: place(v) for k, v in batch.items()}
 
 
-def make_predict(model: nn.Module, config: TrainConfig):
-    """``predict_batch(variables, x) -> scores``: sigmoid (BCE losses) or softmax (CE), jitted."""
+def make_predict_fn(model: nn.Module, config: TrainConfig):
+    """The un-jitted ``predict_fn(variables, x) -> scores``: sigmoid (BCE losses) or softmax (CE)."""
 
     def predict_fn(variables, x):
         logits = model.apply(variables, x, train=False)
         return jax.nn.softmax(logits) if config.loss == "ce" else jax.nn.sigmoid(logits)
 
-    return jax.jit(predict_fn)
+    return predict_fn
 
 
-def predict(predict_batch, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Scores for all of ``x``; the last batch is zero-padded to ``batch_size`` (one compile)."""
+def make_predict(model: nn.Module, config: TrainConfig):
+    """``predict_batch(variables, x) -> scores``: :func:`make_predict_fn`, jitted."""
+    return jax.jit(make_predict_fn(model, config))
+
+
+def predict(predict_batch, variables, x: np.ndarray, batch_size: int, *, sample_axis: int = 0) -> np.ndarray:
+    """Scores for all of ``x``; the last batch is zero-padded to ``batch_size`` (one compile).
+
+    ``sample_axis`` is the samples' axis in ``predict_batch``'s output (1 for stacked members).
+    """
     outputs = []
     for start in range(0, x.shape[0], batch_size):
         chunk = x[start:start + batch_size]
         n = chunk.shape[0]
         if n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        outputs.append(np.asarray(predict_batch(variables, chunk))[:n])
-    return np.concatenate(outputs)
+        outputs.append(np.take(np.asarray(predict_batch(variables, chunk)), np.arange(n), axis=sample_axis))
+    return np.concatenate(outputs, axis=sample_axis)
 
 
 def protocol_eval_epochs(epochs: int, every: int = 10) -> list[int]:

@@ -57,7 +57,6 @@ import re
 import shutil
 import sys
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -66,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from detjax.data import _download
-from detjax.data.ptbxl import default_cache_dir, fingerprint
+from detjax.data.ptbxl import _read_cache, _write_cache, default_cache_dir, fingerprint
 
 __all__ = [
     "CLASSES",
@@ -644,47 +643,6 @@ def _cache_file(cache_dir: Path, key: str, sampling_rate: int, length: int) -> P
     return cache_dir / "cinc2017" / f"cinc2017-{sampling_rate}hz-{length}-{key}.npz"
 
 
-def _read_cache(path: Path, key: str) -> tuple[dict[str, np.ndarray], str] | None:
-    """``(arrays, digest)``, or ``None`` if absent; a corrupt file is reported and ignored."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in (*_CACHE_ARRAYS, "key", "digest")}
-        if str(arrays.pop("key")) != key:
-            raise ValueError("content key differs from its file name")
-        digest = str(arrays.pop("digest"))
-        if fingerprint(arrays) != digest:
-            raise ValueError("array digest does not match")
-        return arrays, digest
-    except Exception as exc:  # truncated zip, bad CRC, missing member, wrong digest...
-        warnings.warn(f"CinC 2017 cache file {path} is corrupt ({type(exc).__name__}: {exc}); rebuilding it",
-                      RuntimeWarning, stacklevel=3)
-        return None
-
-
-def _write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], digest: str) -> bool:
-    """Atomic write (temp file in the same folder, fsync, ``os.replace``); ``False`` on an OS error."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, key=np.array(key), digest=np.array(digest), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        return True
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if not isinstance(exc, OSError):
-            raise
-        # A full disk or a read-only cache must not stop the load.
-        warnings.warn(f"could not write CinC 2017 cache {path}: {exc}", RuntimeWarning, stacklevel=3)
-        return False
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -787,14 +745,14 @@ def load_cinc2017(
                       length=length)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_path = _cache_file(cache_root, key, rate, length)
-    cached = _read_cache(cache_path, key) if use_cache else None
+    cached = _read_cache(cache_path, key, _CACHE_ARRAYS, "CinC 2017") if use_cache else None
     if cached is not None:
         arrays, digest = cached
     else:
         arrays = _read_windows(root, selected_records, sampling_rate=rate, length=length, progress=progress)
         digest = fingerprint(arrays)
         if use_cache:
-            _write_cache(cache_path, key, arrays, digest)
+            _write_cache(cache_path, key, arrays, digest, "CinC 2017")
     if arrays["record"].tolist() != selected_records or arrays["x"].shape != (len(selected), length):
         raise ValueError(f"cache file {cache_path}: records or shape disagree with {ref_path}; delete the file")
 

@@ -455,13 +455,18 @@ def _cache_file(cache_dir: Path, key: str, sampling_rate: int) -> Path:
     return cache_dir / "ptbxl" / f"ptbxl-{sampling_rate}hz-{key}.npz"
 
 
-def _read_cache(path: Path, key: str) -> tuple[dict[str, np.ndarray], str] | None:
-    """``(arrays, digest)`` from the cache, or ``None`` if absent; a corrupt file is reported and ignored."""
+def _read_cache(path: Path, key: str, names: Sequence[str] = _CACHE_ARRAYS,
+                what: str = "PTB-XL") -> tuple[dict[str, np.ndarray], str] | None:
+    """``(arrays, digest)`` from the cache, or ``None`` if absent; a corrupt file is reported and ignored.
+
+    Shared by the dataset loaders: ``names`` are the arrays the file must hold, ``what`` names
+    the dataset in the warning.
+    """
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in (*_CACHE_ARRAYS, "key", "digest")}
+            arrays = {name: stored[name] for name in (*names, "key", "digest")}
         if str(arrays.pop("key")) != key:
             raise ValueError("content key differs from its file name")
         digest = str(arrays.pop("digest"))
@@ -469,12 +474,13 @@ def _read_cache(path: Path, key: str) -> tuple[dict[str, np.ndarray], str] | Non
             raise ValueError("array digest does not match")
         return arrays, digest
     except Exception as exc:  # truncated zip, bad CRC, missing member, wrong digest...
-        warnings.warn(f"PTB-XL cache file {path} is corrupt ({type(exc).__name__}: {exc}); rebuilding it",
+        warnings.warn(f"{what} cache file {path} is corrupt ({type(exc).__name__}: {exc}); rebuilding it",
                       RuntimeWarning, stacklevel=3)
         return None
 
 
-def _write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], digest: str) -> bool:
+def _write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], digest: str,
+                 what: str = "PTB-XL") -> bool:
     """Write atomically (temp file in the same folder, fsync, ``os.replace``); ``False`` on failure."""
     tmp = None
     try:
@@ -492,7 +498,7 @@ def _write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], digest:
         if not isinstance(exc, OSError):
             raise
         # A full disk or read-only cache must not stop the load.
-        warnings.warn(f"could not write PTB-XL cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"could not write {what} cache {path}: {exc}", RuntimeWarning, stacklevel=3)
         return False
 
 

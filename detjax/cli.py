@@ -1,12 +1,142 @@
-"""Shared pieces of the experiment command lines (``experiments/*.py``)."""
+"""Shared pieces of the experiment command lines (``experiments/*.py``, ``python -m detjax``).
+
+Every command line validates all of its arguments before any heavy work (data loading,
+compiling, training): numbers through the argparse types below (:func:`positive_int`, ...),
+paths through :func:`check_out_dir` / :func:`check_data_dir`, the run directory through
+:func:`check_run_dir`. A bad value is one ``error:`` line and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+
+class UsageError(ValueError):
+    """A bad command-line value (reported as one ``error:`` line, exit status 2)."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 <= seed < 2**32."""
+    value = nonnegative_int(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def error_exit(message: str, code: int = 2):
+    """Prints ``error: message`` (one line) to stderr and exits with ``code``."""
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def one_line(message: Any) -> str:
+    """``message`` on one line (newlines and runs of spaces collapsed)."""
+    return " ".join(str(message).split())
+
+
+def check_data_dir(path: str | os.PathLike[str] | None, flag: str = "--data-dir") -> None:
+    """Raises :class:`UsageError` unless ``path`` (when given) is an existing folder."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"{flag} {path}: no such folder")
+    if not p.is_dir():
+        raise UsageError(f"{flag} {path} is not a folder")
+
+
+def check_out_dir(path: str | os.PathLike[str] | None, flag: str = "--out") -> None:
+    """Raises :class:`UsageError` unless ``path`` is (or can be created as) a writable folder.
+
+    Probes the folder, or its nearest existing parent, by creating and removing a temporary
+    file there, so permissions, read-only file systems and ACLs all count.
+    """
+    if path is None:
+        return
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} exists and is not a folder")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} is not writable ({probe}: {exc.strerror or exc})") from None
+
+
+def check_run_dir(out: str | os.PathLike[str] | None, config_hash: str, resume: bool) -> dict | None:
+    """Checks the run directory before any data is loaded.
+
+    * ``resume`` without ``out``, or ``out`` holding no run: :class:`UsageError`.
+    * ``out`` holding another config's run, or (without ``resume``) any run or other files:
+      :class:`detjax.train.RunDirectoryError` (nothing is overwritten).
+    * ``resume`` of a finished run of this config: returns its stored result (the caller
+      reports it and changes nothing); otherwise ``None``.
+    """
+    from detjax import manifest as manifest_lib
+    from detjax.train import _check_run_dir
+
+    if resume and out is None:
+        raise UsageError("--resume needs --out, the run directory to continue")
+    if out is None:
+        return None
+    out = Path(out).expanduser().absolute()
+    if resume and not (out / "manifest.json").is_file():
+        what = "does not exist" if not out.exists() else "holds no detjax run (no manifest.json)"
+        raise UsageError(f"--resume: {out} {what}; check the path, or leave out --resume to start a new run there")
+    _check_run_dir(out, config_hash, resume)
+    return manifest_lib.finished_result(out) if resume else None
+
+
+def print_complete(out: str | os.PathLike[str], result: dict[str, Any], *, stream=sys.stdout) -> None:
+    """What ``--resume`` of a finished run prints: that it is complete, its result and hashes."""
+    print(f"run {Path(out).absolute()} is already complete; nothing was changed. Its recorded result:",
+          file=stream)
+    print_result(result, stream=stream)
 
 
 def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], default_init: str,
@@ -16,24 +146,26 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
                         help=f"weight initialisation (default: {default_init})")
     parser.add_argument("--variant", choices=["reference", "orthonormal"], default="reference",
                         help="basis form: the paper's exact matrices or exactly orthonormal ones")
-    parser.add_argument("--order", choices=["golden", "seeded"], default="golden",
-                        help="batch order: golden-ratio schedule or a seeded shuffle per epoch")
-    parser.add_argument("--seed", type=int, default=0, help="seed for Kaiming init, dropout and seeded order")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--order", choices=["golden", "seeded", "seeded_as_released"], default="golden",
+                        help="batch order: golden-ratio schedule, a seeded shuffle per epoch with its own key "
+                             "per (seed, epoch), or the released code's keys seed+epoch (seeds then share "
+                             "most epochs' permutations)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for Kaiming init, dropout and seeded order")
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"training epochs (default: {default_epochs}; {epochs_note})")
     parser.add_argument("--data-dir", default=None, help=data_dir_help)
     parser.add_argument("--out", default=None, help="run directory (default: runs/<experiment>-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N records of each split")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--cpu-threads", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N records of each split")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--cpu-threads", type=positive_int, default=None,
                         help="pin the CPU backend to N threads (CPU bits depend on the thread count)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_flags(parser)
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=int, default=None,
+    parser.add_argument("--devices", type=positive_int, default=None,
                         help="data-parallel device count (default: all visible). On CPU, N host "
                              "devices are created for N > 1. The bits depend on N; the manifest records it")
     parser.add_argument("--allow-device-change", action="store_true",
@@ -50,13 +182,32 @@ def configure_process(cpu_threads: int | None, devices: int | None) -> dict:
     return determinism.configure(cpu_threads=cpu_threads, extra_xla_flags=extra)
 
 
-def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs: int, epochs_note: str):
-    """Parses ``argv``, configures the process for bit-identical work FIRST (before any JAX
-    computation), and resolves the epoch count (announcing the default when it applies).
+def validate_common(args: argparse.Namespace) -> None:
+    """The path checks of :func:`add_common_flags`' flags (the numbers are checked by argparse)."""
+    check_data_dir(args.data_dir)
+    check_out_dir(args.out if args.out is not None else "runs")  # the default run directory goes there
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out, the run directory to continue")
+    if args.allow_device_change and not args.resume:
+        raise UsageError("--allow-device-change only applies with --resume")
+
+
+def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs: int, epochs_note: str,
+                        validate: Callable[[argparse.Namespace], None] | None = None):
+    """Parses and validates ``argv`` (argparse types, :func:`validate_common`, then
+    ``validate(args)``: each ``ValueError`` is one ``error:`` line and exit status 2), then
+    configures the process for bit-identical work (before any JAX computation), and resolves
+    the epoch count (announcing the default when it applies).
 
     Returns ``(args, epochs)``; ``args.environment`` holds the environment fingerprint.
     """
     args = parser.parse_args(argv)
+    try:
+        validate_common(args)
+        if validate is not None:
+            validate(args)
+    except (ValueError, OSError) as exc:
+        error_exit(str(exc))
     args.environment = configure_process(args.cpu_threads, args.devices)
     epochs = args.epochs
     if epochs is None:
@@ -77,6 +228,9 @@ def print_result(result: dict[str, Any], *, stream=sys.stdout) -> None:
         print(f"\n{'class':<10} {'test AUC':>9}", file=stream)
         for name, auc in per_class.items():
             print(f"{name:<10} {'n/a' if auc is None else f'{auc:.4f}':>9}", file=stream)
+        if any(auc is None for auc in per_class.values()):
+            print("n/a: the test split has no positive (or no negative) record of that class, so its AUC "
+                  "is undefined; the macro AUC averages the other classes", file=stream)
     for key in ("macro_auc", "auc", "acc"):
         if key in result:
             print(f"{key:<10} {result[key]:.4f}" if result[key] is not None else f"{key:<10} n/a", file=stream)
@@ -93,6 +247,13 @@ def run_experiment(config, args, *, augment=None) -> int:
     from detjax.train import train_and_evaluate
 
     try:
+        finished = check_run_dir(args.out, config.hash(), args.resume)
+        if finished is not None:
+            print_complete(args.out, finished)
+            return 0
+        from detjax.train import make_mesh
+
+        make_mesh(args.devices)  # a device count the machine lacks fails here, before the data load
         data = tasks.load_task(config)
         out = Path(args.out) if args.out else default_out(config.task.replace(":", "-"))
         print(f"task {config.task}: {data.train_x.shape[0]} train / {data.val_x.shape[0]} val / "
@@ -101,7 +262,7 @@ def run_experiment(config, args, *, augment=None) -> int:
                                     progress=not args.no_progress, augment=augment, devices=args.devices,
                                     allow_device_change=args.allow_device_change)
     except (ValueError, FileNotFoundError, OSError, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print_result(result)
     return 0

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "BASES", "VARIANTS", "STAGES", "INITS", "MIXED_SCHEDULE", "FIXUP_SCALE",
+    "BASES", "VARIANTS", "STAGES", "INITS", "MIXED_INITS", "MIXED_SCHEDULE", "FIXUP_SCALE",
+    "released_mixed_basis",
     "dct", "hadamard", "hartley", "sinusoidal", "basis", "clear_basis_cache",
     "dense_kernel", "dense_kernel_per_row", "conv1d_kernel", "qkv_kernel", "conv2d_kernel",
     "fan_in_of", "structured", "kernel_init", "bias_init", "kaiming_uniform", "he_normal",
@@ -51,13 +52,20 @@ __all__ = [
 BASES = ("dct", "hadamard", "hartley", "sinusoidal")
 VARIANTS = ("reference", "orthonormal")
 STAGES = ("stem", "stage0", "stage1", "stage2", "stage3", "transformer", "head")
-INITS = ("mixed",) + BASES + ("kaiming", "he_normal")
+# "mixed": the per-stage schedule the paper describes (MIXED_SCHEDULE, by explicit stage).
+# "mixed_as_released": what the released code computes (released_mixed_basis, by module name).
+MIXED_INITS = ("mixed", "mixed_as_released")
+INITS = MIXED_INITS + BASES + ("kaiming", "he_normal")
 # Read-only view: the schedule is part of the method, callers must not be able to edit it.
 MIXED_SCHEDULE: Mapping[str, str] = types.MappingProxyType({
     "stem": "dct", "stage0": "dct", "stage1": "hadamard", "stage2": "hartley",
     "stage3": "dct", "transformer": "dct", "head": "dct",
 })
-FIXUP_SCALE = 0.01  # multiplier of the last conv of every residual branch (METHOD.md §3)
+FIXUP_SCALE = 0.01  # multiplier of the last 1x1 conv of the CNN residual blocks (fixup)
+# The released code's "mixed" rule: the first of these substrings found in a module's name
+# picks the basis of that stage; a name with none of them gets DCT.
+_RELEASED_STAGE_TESTS = (("stage3", "layer3", "dct"), ("stage2", "layer2", "hartley"),
+                         ("stage1", "layer1", "hadamard"), ("stage0", "layer0", "dct"))
 
 _EPS_GLOBAL = 1e-8  # added to the sample std in the global (1-D) rescaling
 _ZERO_STD = 1e-10  # per-filter (2-D) rescaling: a filter with a smaller std stays zero
@@ -610,19 +618,41 @@ def he_normal() -> HeNormal:
     return HeNormal()
 
 
+def released_mixed_basis(module_name: str | None) -> str:
+    """The basis the released code's "mixed" mode gives the module called ``module_name``.
+
+    The released code tests the module's (PyTorch) name for the substrings ``stage3`` or
+    ``layer3``, then ``stage2``/``layer2``, ``stage1``/``layer1``, ``stage0``/``layer0``, and
+    maps the first hit s to the basis of stage s (0 DCT, 1 Hadamard, 2 Hartley, 3 DCT); no hit
+    (or ``None``) gives DCT. Consequences: the Conformer's modules (``stages.N...``,
+    ``conformer_blocks...``) never match, so its released "mixed" weights are all DCT; the
+    Baseline's 1-based ``stage1``/``stage2``/``stage3`` get Hadamard/Hartley/DCT; ResNet-18's
+    ``layer1``/``layer2`` get Hadamard/Hartley and ``layer3``/``layer4`` DCT.
+    """
+    name = module_name or ""
+    for first, second, basis_name in _RELEASED_STAGE_TESTS:
+        if first in name or second in name:
+            return basis_name
+    return "dct"
+
+
 def kernel_init(init: str, stage: str, *, scale: float = 1.0, variant: str = "reference",
-                per_filter: bool | None = None):
+                per_filter: bool | None = None, released_name: str | None = None):
     """THE kernel initialiser models use, chosen by ``init`` and the layer's explicit ``stage``.
 
-    ``init``: ``"mixed"`` (basis ``MIXED_SCHEDULE[stage]``), a basis name, ``"kaiming"``
-    (PyTorch default, ignores ``scale``) or ``"he_normal"`` (ignores ``scale``). ``scale`` is
-    the fixup multiplier (:data:`FIXUP_SCALE` on the last conv of residual branches).
+    ``init``: ``"mixed"`` (basis ``MIXED_SCHEDULE[stage]``), ``"mixed_as_released"`` (basis
+    ``released_mixed_basis(released_name)``, where ``released_name`` is the layer's module
+    name in the released PyTorch code; ``None`` means a name that matches no stage), a basis
+    name, ``"kaiming"`` (PyTorch default, ignores ``scale``) or ``"he_normal"`` (ignores
+    ``scale``). ``scale`` is the fixup multiplier (:data:`FIXUP_SCALE`).
     """
     if stage not in STAGES:
         raise ValueError(f"kernel_init({init!r}): unknown stage {stage!r}; "
                          f"expected one of {STAGES}")
     if init == "mixed":
         return Structured(MIXED_SCHEDULE[stage], variant, scale, stage, per_filter)
+    if init == "mixed_as_released":
+        return Structured(released_mixed_basis(released_name), variant, scale, stage, per_filter)
     if init in BASES:
         return Structured(init, variant, scale, stage, per_filter)
     if init == "kaiming":
@@ -634,7 +664,7 @@ def kernel_init(init: str, stage: str, *, scale: float = 1.0, variant: str = "re
 
 def bias_init(init: str, fan_in: int):
     """Bias initialiser: ``U(±1/sqrt(fan_in))`` for ``"kaiming"``, zeros for every other init
-    (structured bases, ``"mixed"``, ``"he_normal"``)."""
+    (structured bases, both mixed schedules, ``"he_normal"``)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r} (bias, fan_in {fan_in!r}); "
                          f"expected one of {INITS}")

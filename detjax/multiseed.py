@@ -218,6 +218,7 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
     init_states = init_member_states(model, tx, data.train_x[:1], seeds, mode)
     init_host = [member_slice(train_lib._state_dict(init_states), j) for j in range(k)]
     init_digests = [hashing.tree_digests(d) for d in init_host]
+    init_weights = [train_lib.weights_sha256(d) for d in init_host]
     n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_host[0]["params"])))
     data_fingerprint = data.fingerprint()
 
@@ -289,6 +290,7 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
     execution = {"mode": mode, "members": k, "seeds": seeds, "group_hash": group_hash,
                  "group_dir": str(workdir), "wall_time_s_group": wall}
     final_host = [member_slice(train_lib._state_dict(states), j) for j in range(k)]
+    assignment = train_lib.init_assignment(model, data.train_x[:1])
     results = []
     for j, seed in enumerate(seeds):
         cfg = member_config(config, seed)
@@ -303,6 +305,7 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
             "best_val_score": float(np.asarray(best["score"])[j]),
             "init_sha256": init_digests[j]["sha256"],
             "init_md5": init_digests[j]["md5"],
+            "init_weights_sha256": init_weights[j],
             "final_sha256": final_digests["sha256"],
             "final_md5": final_digests["md5"],
             "best_params_sha256": hashing.tree_sha256(member_best),
@@ -319,6 +322,7 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
             config=cfg.to_dict(), config_hash=cfg.hash(), data_fingerprint=data_fingerprint,
             environment=environment, init_digests=init_digests[j], n_params=n_params, data_info=data.info)
         run_manifest.update(status="finished", final_digests=final_digests, history=histories[j],
+                            init_weights_sha256=init_weights[j], init_assignment=assignment,
                             metrics={key: v for key, v in result.items() if key != "history"},
                             wall_time_s=wall / k, execution=execution)
         member_dirs[j].mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,12 @@ points is of order ``1/N``); it therefore differs from the original's float32 or
 float32 rounding made the original ambiguous or wrong.
 
 The seeded alternative, :func:`seeded_order`, is ``jax.random.permutation`` under the key
-``fold_in(key(seed), epoch)``.
+``fold_in(key(seed), epoch)``: every (seed, epoch) pair has its own key. The released code
+instead keys epoch e of seed s by the integer ``s + e``, so two seeds share most of their
+permutations (seeds 2 and 3 share 84 of 85 epochs: seed 3's epoch e is seed 2's epoch e+1),
+which narrows the spread a seed study measures. :func:`seeded_order` offers that key scheme
+as ``keys="seed_plus_epoch"`` (the trainer's ``order="seeded_as_released"``) so the
+release's spread can be reproduced; the permutations themselves are JAX's, not PyTorch's.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ __all__ = [
     "num_batches",
     "scheduled_order",
     "seeded_order",
+    "SEED_KEYS",
+    "ORDERS",
 ]
 
 _MASK32 = (1 << 32) - 1
@@ -355,22 +362,37 @@ def scheduled_order(schedule: GoldenSchedule, epoch) -> jax.Array:
     return _scheduled_order_jit(schedule, _u32_scalar(epoch, "epoch"))
 
 
+SEED_KEYS = ("independent", "seed_plus_epoch")
+
+
 @partial(jax.jit, static_argnums=0)
 def _seeded_order_jit(n: int, seed: jax.Array, epoch: jax.Array) -> jax.Array:
     key = jax.random.fold_in(jax.random.key(seed), epoch)
     return jax.random.permutation(key, n)
 
 
-def seeded_order(n: int, seed, epoch) -> jax.Array:
-    """Seeded alternative: ``jax.random.permutation(fold_in(key(seed), epoch), n)``.
+@partial(jax.jit, static_argnums=0)
+def _seed_plus_epoch_order_jit(n: int, seed: jax.Array, epoch: jax.Array) -> jax.Array:
+    return jax.random.permutation(jax.random.key(seed + epoch), n)  # uint32: wraps mod 2^32
 
-    A fresh, reproducible permutation per epoch. The bits depend on the PRNG implementation
-    and ``jax_threefry_partitionable``, which :func:`detjax.determinism.configure` pins.
-    ``seed`` and ``epoch`` are non-negative ints below 2^32 (or traced integer scalars).
-    Returns ``int32`` ``(n,)``.
+
+def seeded_order(n: int, seed, epoch, *, keys: str = "independent") -> jax.Array:
+    """Seeded alternative to the golden order: a fresh, reproducible permutation per epoch.
+
+    ``keys="independent"`` (default): ``jax.random.permutation(fold_in(key(seed), epoch), n)``,
+    a key of its own for every (seed, epoch). ``keys="seed_plus_epoch"``: the released code's
+    scheme, ``permutation(key((seed + epoch) mod 2^32), n)``, so seed ``s`` at epoch ``e``
+    equals seed ``s + d`` at epoch ``e - d``.
+
+    The bits depend on the PRNG implementation and ``jax_threefry_partitionable``, which
+    :func:`detjax.determinism.configure` pins. ``seed`` and ``epoch`` are non-negative ints
+    below 2^32 (or traced integer scalars). Returns ``int32`` ``(n,)``.
     """
     n = _check_size(n, "n")
-    return _seeded_order_jit(n, _u32_scalar(seed, "seed"), _u32_scalar(epoch, "epoch"))
+    if keys not in SEED_KEYS:
+        raise ValueError(f"seeded_order: keys must be one of {SEED_KEYS}, got {keys!r}")
+    fn = _seeded_order_jit if keys == "independent" else _seed_plus_epoch_order_jit
+    return fn(n, _u32_scalar(seed, "seed"), _u32_scalar(epoch, "epoch"))
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -415,23 +437,29 @@ def batches(order: jax.Array, batch_size: int) -> list[jax.Array]:
     return out
 
 
+ORDERS = ("golden", "seeded", "seeded_as_released")
+
+
 def make_order_fn(
     kind: str, keys_or_n: GoldenKeys | int, *, seed: int | None = None
 ) -> Callable[[int], jax.Array]:
     """An ``epoch -> order`` function for the trainer.
 
     Args:
-      kind: ``"golden"`` (``keys_or_n`` is :class:`GoldenKeys`, or ``n`` for index keys) or
-        ``"seeded"`` (``keys_or_n`` is ``n`` or keys whose size gives ``n``; needs ``seed``).
+      kind: ``"golden"`` (``keys_or_n`` is :class:`GoldenKeys`, or ``n`` for index keys),
+        ``"seeded"`` (independent keys per seed and epoch) or ``"seeded_as_released"`` (keys
+        ``seed + epoch``, see :func:`seeded_order`); for both seeded kinds ``keys_or_n`` is
+        ``n`` or keys whose size gives ``n``, and ``seed`` is required.
     For ``"golden"`` the keys are sorted once (:func:`golden_schedule`) and each epoch is a
     rotation of that order (:func:`scheduled_order`), equal to :func:`epoch_order`.
     """
     if kind == "golden":
         keys = keys_or_n if isinstance(keys_or_n, GoldenKeys) else golden_index_keys(keys_or_n)
         return partial(scheduled_order, golden_schedule(keys))
-    if kind == "seeded":
+    if kind in ("seeded", "seeded_as_released"):
         if seed is None:
-            raise ValueError("kind='seeded' needs a seed")
+            raise ValueError(f"kind={kind!r} needs a seed")
         n = keys_or_n.size if isinstance(keys_or_n, GoldenKeys) else _check_size(keys_or_n, "n")
-        return partial(seeded_order, n, seed)
-    raise ValueError(f"kind must be 'golden' or 'seeded', got {kind!r}")
+        keys = "independent" if kind == "seeded" else "seed_plus_epoch"
+        return partial(seeded_order, n, seed, keys=keys)
+    raise ValueError(f"kind must be one of {ORDERS}, got {kind!r}")

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import detjax.initializers as di
 from detjax import hashing, manifest as manifest_lib, ordering
 
 __all__ = [
@@ -92,7 +93,7 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.order in ("golden", "seeded"), f"order must be 'golden' or 'seeded', got {self.order!r}"),
+            (self.order in ordering.ORDERS, f"order must be one of {ordering.ORDERS}, got {self.order!r}"),
             (self.optimizer in ("adam", "sgd"), f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}"),
             (self.loss in ("weighted_bce", "bce", "ce"), f"loss must be weighted_bce, bce or ce, got {self.loss!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -449,6 +450,20 @@ def _state_dict(state: TrainState) -> dict:
     return flax.serialization.to_state_dict(state)
 
 
+def weights_sha256(state_dict: dict) -> str:
+    """SHA-256 of the weights alone (``params`` and ``batch_stats`` of a state dict), without
+    the PRNG key, optimiser state and counters that the full-state hash also covers: equal
+    across seeds when the initialisation does not depend on the seed (structured bases)."""
+    return hashing.tree_sha256({"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]})
+
+
+def init_assignment(model: nn.Module, sample_x: np.ndarray) -> list[dict[str, Any]]:
+    """Which initialiser (basis, stage, fixup scale) every kernel of ``model`` receives, in
+    call order, as the manifest records it: ``[{"layer", "shape", "init"}, ...]``."""
+    rows = di.describe(model, jnp.asarray(sample_x[:1]))
+    return [{"layer": r.path, "shape": list(r.shape), "init": r.init} for r in rows]
+
+
 def _host_copy(tree):
     return jax.tree_util.tree_map(lambda a: np.array(jax.device_get(a)), tree)
 
@@ -464,8 +479,8 @@ def initial_best(state: TrainState) -> dict:
 
 def _make_order_fn(config: TrainConfig, data: TaskData):
     n = data.train_x.shape[0]
-    if config.order == "seeded":
-        order = ordering.make_order_fn("seeded", n, seed=config.seed)
+    if config.order != "golden":
+        order = ordering.make_order_fn(config.order, n, seed=config.seed)
     else:  # golden: content keys when the task has them (ECG), index keys otherwise
         order = ordering.make_order_fn("golden", data.order_keys if data.order_keys is not None else n)
     return lambda epoch: np.asarray(order(epoch))
@@ -533,13 +548,16 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
 
     Returns the result dictionary also written to ``result.json``.
     """
-    from detjax.checkpoint import Checkpointer
+    from detjax.checkpoint import Checkpointer, kill_point
     from detjax.models import get_model
 
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
     config_hash = config.hash()
     _check_run_dir(workdir, config_hash, resume)
+    finished = manifest_lib.finished_result(workdir)
+    if finished is not None:  # a finished run is a record: returned as stored, never rewritten
+        return finished
     workdir.mkdir(parents=True, exist_ok=True)
     if environment is None:
         from detjax.determinism import environment_fingerprint
@@ -562,6 +580,7 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
 
     init_state = create_train_state(model, tx, data.train_x[:1], config.seed)
     init_digests = hashing.tree_digests(_state_dict(init_state))
+    init_weights_sha256 = weights_sha256(_state_dict(init_state))
     n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_state.params)))
     data_fingerprint = data.fingerprint()
 
@@ -570,6 +589,8 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         environment=environment, init_digests=init_digests, n_params=n_params,
         data_info=data.info)
     run_manifest["mesh"] = mesh_description(mesh)
+    run_manifest["init_weights_sha256"] = init_weights_sha256
+    run_manifest["init_assignment"] = init_assignment(model, data.train_x[:1])
 
     checkpointer = Checkpointer(workdir / "checkpoints", config_hash=config_hash,
                                 device_count=1 if mesh is None else mesh.size,
@@ -592,7 +613,12 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         run_manifest.setdefault("resumed_from", []).append(
             {"step": sidecar["step"], "state_sha256": sidecar["state_sha256"],
              "environment": environment})
-    manifest_lib.write_json_atomic(workdir / "manifest.json", run_manifest)
+    manifest_lib.replace_record(workdir / "manifest.json", run_manifest)
+    if restored is None:
+        manifest_lib.append_event(workdir, "started", config_hash=config_hash, environment=environment)
+    else:
+        manifest_lib.append_event(workdir, "resumed", step=sidecar["step"], state_sha256=sidecar["state_sha256"],
+                                  environment=environment)
     state = jax.device_put(state) if mesh is None else jax.device_put(state, NamedSharding(mesh, P()))
 
     train_x = jax.device_put(data.train_x) if mesh is None else None
@@ -616,6 +642,7 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
                 idx = np.asarray(idx, np.int32)
                 batch = {"x": data.train_x[idx], "y": data.train_y[idx], "index": idx}
             state, metrics = train_step(state, batch)
+            kill_point("step", epoch * batches_per_epoch + i + 1)  # test hook (DETJAX_TEST_KILL_AT)
             losses.append(metrics["loss"])
             bar.update(1)
         epoch_loss = float(np.mean(jax.device_get(losses))) if losses else float("nan")
@@ -635,7 +662,9 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         else:
             bar.set_postfix(loss=f"{epoch_loss:.4f}")
         history.append(record)
-        checkpointer.save(epoch + 1, _state_dict(state), best, {"history": history})
+        saved = checkpointer.save(epoch + 1, _state_dict(state), best, {"history": history})
+        manifest_lib.append_event(workdir, "checkpoint", step=epoch + 1, state_sha256=saved["state_sha256"],
+                                  best_sha256=saved["best_sha256"])
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             bar.close()
             checkpointer.close()
@@ -658,6 +687,7 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         "best_val_score": float(best["score"]),
         "init_sha256": init_digests["sha256"],
         "init_md5": init_digests["md5"],
+        "init_weights_sha256": init_weights_sha256,
         "final_sha256": final_digests["sha256"],
         "final_md5": final_digests["md5"],
         "best_params_sha256": hashing.tree_sha256({"params": best["params"],
@@ -671,8 +701,10 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     }
     run_manifest.update(status="finished", final_digests=final_digests, metrics=result,
                         history=history, wall_time_s=wall)
-    manifest_lib.write_json_atomic(workdir / "result.json", result)
-    manifest_lib.write_json_atomic(workdir / "manifest.json", run_manifest)
+    manifest_lib.replace_record(workdir / "result.json", result)
+    kill_point("final-record")  # test hook: result.json written, manifest.json not yet
+    manifest_lib.replace_record(workdir / "manifest.json", run_manifest)
+    manifest_lib.append_event(workdir, "finished", final_sha256=final_digests["sha256"], wall_time_s=wall)
     try:
         from detjax.plots import plot_training_curve
         plot_training_curve(history, workdir / "training_curve.png",

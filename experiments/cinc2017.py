@@ -23,12 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import add_common_flags, default_out, parse_and_configure, run_experiment  # noqa: E402
+from detjax.cli import (add_common_flags, check_data_dir, default_out, parse_and_configure,  # noqa: E402
+                        positive_float, positive_int, run_experiment)
 
 DEFAULT_EPOCHS = 85
 DEFAULT_EPOCHS_NOTE = ("the PTB-XL protocol's length; the full training folds are ~6,800 records (54 batches "
                        "of 128) per epoch, so use --epochs/--limit for a quick CPU run")
-INITS = ("mixed", "dct", "hadamard", "hartley", "sinusoidal", "kaiming")
+INITS = ("mixed", "mixed_as_released", "dct", "hadamard", "hartley", "sinusoidal", "kaiming")
 ENV_DATA_DIR = "DETJAX_CINC2017_DIR"  # same name as detjax.data.cinc2017.ENV_DATA_DIR
 
 
@@ -39,14 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
                      epochs_note=DEFAULT_EPOCHS_NOTE,
                      data_dir_help=(f"folder with the A*.hea/A*.mat records and REFERENCE-v3.csv "
                                     f"(default: ${ENV_DATA_DIR}; one of the two is required)"))
-    parser.add_argument("--window-seconds", type=float, default=10.0,
+    parser.add_argument("--window-seconds", type=positive_float, default=10.0,
                         help="centred window per record in seconds (default 10: 1000 samples at 100 Hz)")
-    parser.add_argument("--sampling-rate", type=int, default=100, help="resample 300 Hz to this rate (default 100)")
+    parser.add_argument("--sampling-rate", type=positive_int, default=100, help="resample 300 Hz to this rate (default 100)")
     parser.add_argument("--reference", default="REFERENCE-v3.csv", help="label file inside the data folder")
+    parser.add_argument("--transformer-fixup", action="store_true",
+                        help="conformer: also scale the transformer blocks' attention out-projection and "
+                             "pointwise conv by 0.01 (a wider reading of the fixup rule; the released code "
+                             "scales only the bottleneck blocks' conv3, the default)")
     parser.add_argument("--cv-fold", type=int, choices=[0, 1, 2], default=0,
                         help="3-fold CV rotation: test folds 10, 9, 8 with validation folds 9, 8, 10")
-    parser.add_argument("--eval-every", type=int, default=10, help="validate every N epochs (and at the last)")
+    parser.add_argument("--eval-every", type=positive_int, default=10, help="validate every N epochs (and at the last)")
     return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need more than argparse (before any data is loaded)."""
+    from detjax.data.cinc2017 import window_length
+
+    data = data_options(args)
+    check_data_dir(data["data_dir"], "--data-dir" if args.data_dir else f"${ENV_DATA_DIR}")
+    window_length(args.window_seconds, args.sampling_rate)
+    if args.transformer_fixup and args.arch != "conformer":
+        raise ValueError(f"--transformer-fixup applies to the conformer only, not --arch {args.arch}")
 
 
 def data_options(args: argparse.Namespace, environ=None) -> dict:
@@ -66,12 +82,15 @@ def data_options(args: argparse.Namespace, environ=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
-                                       epochs_note=DEFAULT_EPOCHS_NOTE)
+                                       epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
     from detjax.train import TrainConfig
 
     try:
         data = data_options(args)
-        config = TrainConfig(task="cinc2017", data=data, arch=args.arch, model={"in_leads": 1}, init=args.init,
+        if args.transformer_fixup and args.arch != "conformer":
+            raise ValueError(f"--transformer-fixup applies to the conformer only, not --arch {args.arch}")
+        model = {"in_leads": 1, **({"transformer_fixup": True} if args.transformer_fixup else {})}
+        config = TrainConfig(task="cinc2017", data=data, arch=args.arch, model=model, init=args.init,
                              variant=args.variant, order=args.order, seed=args.seed, epochs=epochs,
                              batch_size=args.batch_size, optimizer="adam", learning_rate=1e-3, loss="ce",
                              eval_every=args.eval_every)

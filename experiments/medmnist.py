@@ -22,12 +22,12 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from detjax.cli import add_common_flags, parse_and_configure, run_experiment  # noqa: E402
+from detjax.cli import add_common_flags, parse_and_configure, positive_int, run_experiment  # noqa: E402
 
 DEFAULT_EPOCHS = 5
 DEFAULT_EPOCHS_NOTE = ("chosen so vendored BreastMNIST trains in about 7 minutes on a 2-core CPU; the paper's "
                        "recipe is --epochs 200")
-INITS = ("dct", "hadamard", "hartley", "sinusoidal", "mixed", "kaiming")
+INITS = ("dct", "hadamard", "hartley", "sinusoidal", "mixed", "mixed_as_released", "kaiming")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,14 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=28, choices=[28], help="image size (ResNet-18 (28) recipe)")
     add_common_flags(parser, inits=INITS, default_init="dct", default_epochs=DEFAULT_EPOCHS,
                      epochs_note=DEFAULT_EPOCHS_NOTE)
-    parser.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and at the last)")
+    parser.add_argument("--eval-every", type=positive_int, default=1, help="validate every N epochs (and at the last)")
     parser.add_argument("--no-augment", action="store_true", help="disable crop/flip augmentation")
     return parser
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need more than argparse (before any data is loaded): a known 2-D flag."""
+    from detjax.data.medmnist import dataset_info
+
+    dataset_info(args.flag.lower())
+
+
 def main(argv: list[str] | None = None) -> int:
     args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
-                                       epochs_note=DEFAULT_EPOCHS_NOTE)
+                                       epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
     from detjax.train import TrainConfig
 
     flag = args.flag.lower()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import configure_process, default_out  # noqa: E402
+from detjax.cli import (check_data_dir, check_out_dir, configure_process, default_out, error_exit,  # noqa: E402
+                        nonnegative_int, positive_float, positive_int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,39 +32,74 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task",
                         help="medmnist:<flag> (e.g. medmnist:breastmnist), cinc2017, ptbxl or synthetic")
     parser.add_argument("--arms", default="dct,kaiming",
-                        help="comma list of initialisations (dct, hadamard, hartley, sinusoidal, mixed, kaiming)")
+                        help="comma list of initialisations (dct, hadamard, hartley, sinusoidal, mixed, "
+                             "mixed_as_released, kaiming)")
     parser.add_argument("--baseline", default="kaiming", help="the arm the others are tested against")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seeds", type=int, default=5, help="the first N of the paper's 20 seeds (default 5)")
+    seeds.add_argument("--seeds", type=positive_int, default=5, help="the first N of the paper's 20 seeds (default 5)")
     seeds.add_argument("--seed-list", default=None, help="explicit comma list of seeds")
-    parser.add_argument("--epochs", type=int, help="epochs per member (paper: 200 MedMNIST, 85 ECG)")
+    parser.add_argument("--epochs", type=positive_int, help="epochs per member (paper: 200 MedMNIST, 85 ECG)")
     parser.add_argument("--out", default=None, help="study directory (default runs/study-<task>-<timestamp>)")
     parser.add_argument("--data-dir", default=None, help="dataset directory (task default otherwise)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N records of each split")
-    parser.add_argument("--width", type=int, default=None, help="ResNet-18 width (64 is the paper's; reduced studies)")
-    parser.add_argument("--window-seconds", type=float, default=None, help="cinc2017: window length in seconds")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--eval-every", type=int, default=None, help="validate every N epochs (and at the last)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N records of each split")
+    parser.add_argument("--width", type=positive_int, default=None, help="ResNet-18 width (64 is the paper's; reduced studies)")
+    parser.add_argument("--window-seconds", type=positive_float, default=None, help="cinc2017: window length in seconds")
+    parser.add_argument("--batch-size", type=positive_int, default=None)
+    parser.add_argument("--eval-every", type=positive_int, default=None, help="validate every N epochs (and at the last)")
+    parser.add_argument("--order", choices=["seeded", "seeded_as_released"], default="seeded",
+                        help="members' batch order: a key of its own per (seed, epoch) (default), or the "
+                             "released code's keys seed+epoch, under which seeds share most permutations")
     parser.add_argument("--mode", choices=["sequential", "vmap", "unroll", "map"], default="sequential",
                         help="sequential runs (default), or several seeds in one compiled program "
                              "(see docs/seed_studies.md for which modes equal the solo run bit for bit)")
-    parser.add_argument("--group-size", type=int, default=0, help="seeds per compiled group (0: all pending)")
-    parser.add_argument("--delta", type=float, default=0.015, help="TOST equivalence margin (AUC)")
+    parser.add_argument("--group-size", type=nonnegative_int, default=0, help="seeds per compiled group (0: all pending)")
+    parser.add_argument("--delta", type=positive_float, default=0.015, help="TOST equivalence margin (AUC)")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute study.json/md and figures of the study in --out (no training)")
     parser.add_argument("--compile-cache", default=None,
                         help="persistent XLA compilation cache (default <out>/xla-cache; 'none' disables): "
                              "members of a study run the same programs, so only the first one compiles")
-    parser.add_argument("--cpu-threads", type=int, default=None, help="pin the CPU backend to N threads")
+    parser.add_argument("--cpu-threads", type=positive_int, default=None, help="pin the CPU backend to N threads")
     parser.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def validate(args) -> None:
+    """Every check that needs no data (before the process is configured and anything is loaded)."""
+    if args.report_only:
+        if not args.out:
+            raise ValueError("--report-only needs --out, the study directory")
+        if not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: no such study directory")
+        return
+    if not args.task or args.epochs is None:
+        raise ValueError("--task and --epochs are required (except with --report-only)")
+    _seed_list(args)
+    if not [a for a in args.arms.split(",") if a.strip()]:
+        raise ValueError("--arms is empty; give a comma list of initialisations")
+    check_out_dir(args.out if args.out else "runs")
+    check_data_dir(args.data_dir)
+    if args.compile_cache not in (None, "none"):
+        check_out_dir(args.compile_cache, "--compile-cache")
+
+
+def _seed_list(args) -> tuple[int, ...] | None:
+    if not args.seed_list:
+        return None
+    try:
+        seeds = tuple(int(s) for s in args.seed_list.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seed-list must be a comma list of integers, got {args.seed_list!r}") from None
+    if not seeds or any(not 0 <= s < 2 ** 32 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seed-list must hold distinct seeds in [0, 2**32), got {args.seed_list!r}")
+    return seeds
 
 
 def spec_from_args(args):
     from detjax.study import PAPER_SEEDS, StudySpec
 
     if args.seed_list:
-        seeds = tuple(int(s) for s in args.seed_list.split(",") if s.strip())
+        seeds = _seed_list(args)
     else:
         if not 1 <= args.seeds <= len(PAPER_SEEDS):
             raise ValueError(f"--seeds must be 1..{len(PAPER_SEEDS)} (the paper's list); use --seed-list for others")
@@ -82,6 +118,8 @@ def spec_from_args(args):
         train["batch_size"] = args.batch_size
     if args.eval_every is not None:
         train["eval_every"] = args.eval_every
+    if args.order != "seeded":  # the default is left out, so existing studies keep their config hashes
+        train["order"] = args.order
     return StudySpec(task=args.task, arms=arms, seeds=seeds, epochs=args.epochs, data=data, model=model,
                      train=train, baseline=args.baseline, delta=args.delta, mode=args.mode,
                      group_size=args.group_size)
@@ -101,6 +139,12 @@ def _use_compile_cache(choice: str | None, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        if not args.report_only:
+            spec_from_args(args)  # --seeds range and the spec's own checks (no data, no computation)
+    except (ValueError, OSError) as exc:
+        error_exit(str(exc))
     environment = configure_process(args.cpu_threads, None)
     from detjax import study
 
@@ -122,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"mode {spec.mode} -> {out}", flush=True)
             summary = study.run_study(spec, out, environment=environment, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, OSError, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print()
     print(study.markdown_tables(summary))

@@ -298,7 +298,7 @@ def _basis_stage(path):
     return "dct", "head"
 
 
-FIXUP_PATHS = ("conv3", "attn/proj", "conv/pw")
+FIXUP_PATHS = ("conv3",)  # as released: the bottleneck blocks' last 1x1 conv only
 
 
 def test_conformer_stage_assignment_is_explicit_per_layer():
@@ -311,15 +311,15 @@ def test_conformer_stage_assignment_is_explicit_per_layer():
         basis, stage = _basis_stage(path)
         scale = " scale=0.01" if path.endswith(FIXUP_PATHS) else ""
         assert row.init == f"{basis}/reference stage={stage}{scale}", path
-    # the narrower reading of the fixup rule (bottleneck conv3 only), other sizes, a variant
-    narrow = _rows(ECGConformer(num_classes=5, in_leads=6, transformer_fixup=False, init_mode="dct",
-                                variant="orthonormal"), leads=6)
-    assert narrow["blocks_1/attn/proj"].init == "dct/orthonormal stage=transformer"
-    assert narrow["blocks_2/conv/pw"].init == "dct/orthonormal stage=transformer"
-    assert narrow["stages_1_0/conv3"].init == "dct/orthonormal stage=stage1 scale=0.01"
-    assert narrow["stem_0"].shape == (5, 6, 40) and narrow["bottleneck"].shape == (320, 7)
-    assert [narrow[f"heads_{k}"].init for k in range(5)] == [f"simplex_etf(vertex={k}, 6x7)" for k in range(5)]
-    assert "heads_5" not in narrow
+    # the wider (not released) reading of the fixup rule, other sizes, a variant
+    wide = _rows(ECGConformer(num_classes=5, in_leads=6, transformer_fixup=True, init_mode="dct",
+                              variant="orthonormal"), leads=6)
+    assert wide["blocks_1/attn/proj"].init == "dct/orthonormal stage=transformer scale=0.01"
+    assert wide["blocks_2/conv/pw"].init == "dct/orthonormal stage=transformer scale=0.01"
+    assert wide["stages_1_0/conv3"].init == "dct/orthonormal stage=stage1 scale=0.01"
+    assert wide["stem_0"].shape == (5, 6, 40) and wide["bottleneck"].shape == (320, 7)
+    assert [wide[f"heads_{k}"].init for k in range(5)] == [f"simplex_etf(vertex={k}, 6x7)" for k in range(5)]
+    assert "heads_5" not in wide
     kaiming = _rows(ECGConformer(init_mode="kaiming"))  # heads too: PyTorch default, not ETF
     assert len(kaiming) == len(rows) and all(r.init.startswith("kaiming_uniform(a=sqrt5)") for r in kaiming.values())
 
@@ -333,6 +333,31 @@ def test_baseline_stage_assignment():
     assert {k: rows[k].init for k in expected} == expected
     assert len(rows) == 1 + 3 + 5 + 4 + 2
     assert not any("scale" in r.init for r in rows.values())  # no 1x1 conv, no fixup
+
+
+def test_mixed_as_released_assignment():
+    # The released rule matches module names: the Conformer's never match (all DCT) ...
+    conformer = _rows(ECGConformer(init_mode="mixed_as_released"))
+    dct = _rows(ECGConformer(init_mode="dct"))
+    assert {k: r.init.split("/")[0] for k, r in conformer.items()} == {k: r.init.split("/")[0] for k, r in dct.items()}
+    # ... the Baseline's 1-based stage1/stage2/stage3 give Hadamard/Hartley/DCT at 64/128/256
+    # channels; stem, the down-sampling convs ("down1", "down2") and the head are DCT.
+    rows = _rows(ECGBaselineCNN(init_mode="mixed_as_released"))
+    basis = {k: r.init.split("/")[0] for k, r in rows.items()}
+    assert basis == {"stem/conv": "dct", **{f"stages_0_{b}/conv": "hadamard" for b in range(3)},
+                     "stages_1_0/conv": "dct", **{f"stages_1_{b}/conv": "hartley" for b in range(1, 5)},
+                     "stages_2_0/conv": "dct", **{f"stages_2_{b}/conv": "dct" for b in range(1, 4)},
+                     "head_1": "dct", "head_4": "dct"}
+
+
+@pytest.mark.parametrize("name,basis", [
+    ("stem.0", "dct"), (None, "dct"), ("stages.1.0.conv1", "dct"), ("conformer_blocks.0.attn.qkv", "dct"),
+    ("stage1.0.conv", "hadamard"), ("down1.0", "dct"), ("stage2.3.conv", "hartley"), ("stage3.0.conv", "dct"),
+    ("layer1.0.conv1", "hadamard"), ("layer2.0.shortcut", "hartley"), ("layer3.1.conv2", "dct"),
+    ("layer4.0.conv1", "dct"), ("stage0_x", "dct"),
+])
+def test_released_mixed_basis_rule(name, basis):
+    assert di.released_mixed_basis(name) == basis
 
 
 @pytest.fixture(scope="module")
@@ -354,9 +379,9 @@ def test_conformer_mixed_init_values(conformer_mixed):
         ("stages_2_22", "conv3"): c1("hartley", 1, 40, 160, scale=0.01),
         ("down",): c1("dct", 5, 160, 160),
         ("blocks_0", "attn", "qkv"): di.qkv_kernel("dct", 160),
-        ("blocks_2", "attn", "proj"): c1("dct", 1, 160, 160, scale=0.01),
+        ("blocks_2", "attn", "proj"): c1("dct", 1, 160, 160),
         ("blocks_1", "conv", "dw"): c1("dct", 5, 1, 160),
-        ("blocks_1", "conv", "pw"): c1("dct", 1, 160, 160, scale=0.01),
+        ("blocks_1", "conv", "pw"): c1("dct", 1, 160, 160),
         ("blocks_0", "ffn1", "fc1"): di.dense_kernel("dct", 160, 320, variant="reference"),
         ("blocks_2", "ffn2", "fc2"): di.dense_kernel("dct", 320, 160, variant="reference"),
         ("bottleneck",): di.dense_kernel("dct", 320, 14, variant="reference"),

@@ -313,3 +313,17 @@ def test_one_sgd_step_updates_params_and_batch_stats(dct):
     again = jax.device_get(exe(*args))
     for a, b in zip(jax.tree_util.tree_leaves(again[:3]), jax.tree_util.tree_leaves((new_params, new_stats, loss))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_mixed_as_released_follows_the_released_layer_names():
+    # The released rule on torchvision names: layer1 Hadamard, layer2 Hartley, layer3 and
+    # layer4 DCT (no match for "layer4"), stem and head DCT; the shortcut follows its layer.
+    rows = di.describe(ResNet18(num_classes=2, in_channels=1, init_mode="mixed_as_released"),
+                       jnp.zeros(X_SHAPE, jnp.float32))
+    basis = {r.path: r.init.split("/")[0] for r in rows}
+    expected_by_layer = {"layer1": "hadamard", "layer2": "hartley", "layer3": "dct", "layer4": "dct"}
+    assert basis.pop("conv1") == "dct" and basis.pop("fc") == "dct"
+    assert len(basis) == 8 * 2 + 3
+    for path, name in basis.items():
+        assert name == expected_by_layer[path[:6]], path
+    assert basis["layer2_0/downsample_0"] == "hartley"

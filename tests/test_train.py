@@ -137,6 +137,10 @@ def test_run_directory_contents(finished_run):
     assert manifest["final_digests"]["sha256"] == result["final_sha256"]
     assert manifest["data_fingerprint"]["sha256"] == tasks.load_task(small_config()).fingerprint()["sha256"]
     assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2]
+    # the per-layer initialiser assignment (basis, stage, fixup) is part of the record
+    assignment = manifest["init_assignment"]
+    assert assignment and {"layer", "shape", "init"} <= set(assignment[0])
+    assert all(isinstance(row["init"], str) and row["init"] for row in assignment)
     for key in ("macro_auc", "per_class_auc", "init_sha256", "final_sha256", "init_md5", "final_md5", "n_params"):
         assert key in result
     assert result["init_sha256"] != result["final_sha256"]

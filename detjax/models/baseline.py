@@ -1,4 +1,4 @@
-"""The ECG baseline CNN of METHOD.md §6 (exactly 1,653,772 parameters) as a Flax module.
+"""The ECG baseline CNN of the paper (exactly 1,653,772 parameters) as a Flax module.
 
 Input ``(B, T, leads)`` channel-last, output logits ``(B, num_classes)``. Lengths for
 ``T = 1000``: stem conv 500, max-pool 250, stage0 250, stage1 125, stage2 63.
@@ -19,9 +19,9 @@ them) and are padded ``(k-1)/2``. BatchNorm follows PyTorch (:class:`layers.Batc
 momentum 0.1 in PyTorch terms, eps 1e-5, unbiased running variance) with statistics in
 ``"batch_stats"``.
 
-Fixup: METHOD §3 scales "the last 1×1 conv of every residual branch" by 0.01. The
-baseline's residual branch is a single k5 conv with no 1×1 conv, so we read that no
-fixup applies here (the transition convs are not residual branches either).
+Fixup: the released code multiplies by 0.01 only the modules named ``conv3`` (the last 1×1
+conv of the Conformer's bottleneck blocks). The baseline has no such conv, so no fixup
+applies here.
 
 Determinism: max-pool is :func:`layers.max_pool1d` (max over strided slices, no
 ``select_and_scatter`` in the gradient); dropout uses the ``"dropout"`` rng, which the
@@ -50,10 +50,11 @@ KERNEL = 5
 NUM_PARAMS = 1_653_772
 
 
-def _conv_bn(x, features, *, stage, stride, train, init_mode, variant):
+def _conv_bn(x, features, *, stage, stride, train, init_mode, variant, released_name):
     """``Conv(k5, stride) → BN`` as submodules ``conv`` and ``bn`` of the calling module."""
     x = L.conv1d(
-        x, features, KERNEL, stride=stride, stage=stage, init_mode=init_mode, variant=variant, name="conv"
+        x, features, KERNEL, stride=stride, stage=stage, init_mode=init_mode, variant=variant, name="conv",
+        released_name=released_name,
     )
     return L.BatchNorm(name="bn")(x, use_running_average=not train)
 
@@ -66,10 +67,12 @@ class ConvBN(nn.Module):
     stride: int = 1
     init_mode: str = "mixed"
     variant: str = "reference"
+    released_name: str | None = None  # the conv's name in the released code (mixed_as_released)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(stage=self.stage, stride=self.stride, init_mode=self.init_mode, variant=self.variant)
+        kw = dict(stage=self.stage, stride=self.stride, init_mode=self.init_mode, variant=self.variant,
+                  released_name=self.released_name)
         return nn.relu(_conv_bn(x, self.features, train=train, **kw))
 
 
@@ -79,20 +82,23 @@ class ResBlock(nn.Module):
     stage: str
     init_mode: str = "mixed"
     variant: str = "reference"
+    released_name: str | None = None  # the conv's name in the released code (mixed_as_released)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(stage=self.stage, stride=1, init_mode=self.init_mode, variant=self.variant)
+        kw = dict(stage=self.stage, stride=1, init_mode=self.init_mode, variant=self.variant,
+                  released_name=self.released_name)
         return x + nn.relu(_conv_bn(x, x.shape[-1], train=train, **kw))
 
 
 class ECGBaselineCNN(nn.Module):
-    """ECG baseline CNN of METHOD.md §6; see the module docstring.
+    """ECG baseline CNN of the paper; see the module docstring.
 
     Attributes:
       num_classes: number of logits (12).
       in_leads: number of input leads (12).
-      init_mode: ``"mixed"``, a basis name or ``"kaiming"`` (as for the Conformer).
+      init_mode: ``"mixed"``, ``"mixed_as_released"`` (64-channel stage Hadamard, 128-channel
+        stage Hartley, everything else DCT), a basis name or ``"kaiming"``.
       variant: ``"reference"`` or ``"orthonormal"``.
       feature_dropout: dropout rate on the pooled 512 features (0.5).
       hidden_dropout: dropout rate on the 128 hidden units (0.25).
@@ -114,7 +120,9 @@ class ECGBaselineCNN(nn.Module):
         x = L.check_ecg_input(x, self.in_leads, "ECGBaselineCNN")
         kw = dict(init_mode=self.init_mode, variant=self.variant)
 
-        x = ConvBN(STEM_WIDTH, "stem", stride=2, name="stem", **kw)(x, train)
+        # released_name: the module names of the released code, 1-based stages ("stage1" is
+        # our stage0) and "downN" transitions; they pick the bases of "mixed_as_released".
+        x = ConvBN(STEM_WIDTH, "stem", stride=2, name="stem", released_name="stem.0", **kw)(x, train)
         self.sow("intermediates", "stem_conv", x)
         x = L.max_pool1d(x, 3, 2, 1)
         self.sow("intermediates", "stem_pool", x)
@@ -123,16 +131,18 @@ class ECGBaselineCNN(nn.Module):
             stage = f"stage{s}"
             first = 0
             if width != x.shape[-1]:  # transition conv, stride 2, is module 0 of the stage
-                x = ConvBN(width, stage, stride=2, name=f"stages_{s}_0", **kw)(x, train)
+                x = ConvBN(width, stage, stride=2, name=f"stages_{s}_0", released_name=f"down{s}.0",
+                           **kw)(x, train)
                 first = 1
             for b in range(depth):
-                x = ResBlock(stage, name=f"stages_{s}_{first + b}", **kw)(x, train)
+                x = ResBlock(stage, name=f"stages_{s}_{first + b}", released_name=f"stage{s + 1}.{b}.conv",
+                             **kw)(x, train)
             self.sow("intermediates", stage, x)
 
         pooled = jnp.concatenate([jnp.mean(x, axis=1), jnp.max(x, axis=1)], axis=-1)
         self.sow("intermediates", "pooled", pooled)
         # PyTorch head = Sequential(Dropout, Linear, ReLU, Dropout, Linear): indices 1 and 4.
         h = nn.Dropout(self.feature_dropout, deterministic=not train)(pooled)
-        h = nn.relu(L.dense(h, HIDDEN, stage="head", name="head_1", **kw))
+        h = nn.relu(L.dense(h, HIDDEN, stage="head", name="head_1", released_name="head.1", **kw))
         h = nn.Dropout(self.hidden_dropout, deterministic=not train)(h)
-        return L.dense(h, self.num_classes, stage="head", name="head_4", **kw)
+        return L.dense(h, self.num_classes, stage="head", name="head_4", released_name="head.4", **kw)

@@ -1,4 +1,4 @@
-"""The ECG Conformer of METHOD.md §6 (exactly 1,827,634 parameters) as a Flax module.
+"""The ECG Conformer of the paper (exactly 1,827,634 parameters) as a Flax module.
 
 Input ``(B, T, leads)`` channel-last (PTB-XL: ``T = 1000``), output logits
 ``(B, num_classes)``. Lengths for ``T = 1000``: stem 1000 → 500 → (avg-pool) 250,
@@ -37,13 +37,19 @@ The conv module has its own LayerNorm: that is what makes 337,120 parameters per
 ``[q | k | v]``, each ``C = 160`` wide, with channel ``h * 40 + j`` = head ``h``, dim ``j``
 (PyTorch ``qkv.chunk(3, dim=1)`` then ``view(B, 4, 40, T)``).
 
-Fixup (METHOD §3: "the last 1×1 conv of every residual branch" × 0.01): the bottleneck's
-Conv1x1(40→160) always. In the Conformer blocks the residual branches whose last layer is
-a 1×1 conv are the attention (out-projection, "1×1 conv C→C" in METHOD §3) and the conv
-module (pointwise 1×1); with ``transformer_fixup=True`` (default, the literal reading) both
-get × 0.01. The FFNs end in a Dense layer, not a 1×1 conv, so they never do. METHOD §6
-annotates only the bottleneck conv with "×0.01"; ``transformer_fixup=False`` gives that
-narrower reading. Kaiming inits ignore the fixup (the PyTorch baseline has none).
+Fixup: as in the released code, the bottleneck blocks' Conv1x1(40→160) (``conv3``) starts
+× 0.01 and nothing else does (the default, ``transformer_fixup=False``). A wider reading,
+"the last 1×1 conv of every residual branch", would also scale the Conformer blocks'
+attention out-projection (``proj``) and the conv module's pointwise conv (``pw``):
+``transformer_fixup=True`` gives it (its bits differ from the release; earlier detjax
+versions used it by default). The FFNs end in a Dense layer, never scaled. Kaiming inits
+ignore the fixup (the PyTorch baseline has none).
+
+"Mixed" schedules: ``"mixed"`` assigns bases by stage (stem/stage0 DCT, stage1 Hadamard,
+stage2 Hartley, the rest DCT). ``"mixed_as_released"`` is what the released code computes:
+its stage test on module names never matches the Conformer's names, so every layer is DCT
+(the weights equal ``init_mode="dct"``), and the paper's "mixed" Conformer numbers came from
+these all-DCT weights.
 
 Head: ``h = GELU(Dense(320→K+2)(concat(mean_t x, max_t x)))`` (K = ``num_classes``); logit
 ``k = heads.k(h)``, head ``k`` initialised with vertex ``k`` of a closed-form simplex ETF
@@ -198,19 +204,20 @@ def _etf(vertex: int, num_classes: int):
 
 
 class ECGConformer(nn.Module):
-    """ECG Conformer of METHOD.md §6; see the module docstring for structure and names.
+    """ECG Conformer of the paper; see the module docstring for structure and names.
 
     Attributes:
       num_classes: number of logits K (12 rhythm labels); the bottleneck has K+2 dims.
       in_leads: number of input leads (12; 6 for the limb-lead models).
-      init_mode: ``"mixed"`` (basis by stage, ``di.MIXED_SCHEDULE``), one basis name
+      init_mode: ``"mixed"`` (basis by stage, ``di.MIXED_SCHEDULE``), ``"mixed_as_released"``
+        (all DCT, as the released code computes it), one basis name
         (``"dct"``, ``"hadamard"``, ``"hartley"``, ``"sinusoidal"``) or ``"kaiming"``
         (PyTorch default init; needs a ``"params"`` rng). Called ``init`` in METHOD and
         in :func:`detjax.models.get_model`; a Flax field named ``init`` would shadow
         ``Module.init``, hence the name.
       variant: ``"reference"`` (the original's matrices) or ``"orthonormal"``.
       transformer_fixup: also scale the attention out-projection and the conv module's
-        pointwise conv by 0.01 (see the module docstring).
+        pointwise conv by 0.01 (not the release's behaviour; see the module docstring).
 
     ``__call__(x, train=False)``: ``x`` is ``(B, T, in_leads)``; returns ``(B, num_classes)``.
     ``train`` is accepted for a uniform model signature; the Conformer has no dropout or
@@ -221,7 +228,7 @@ class ECGConformer(nn.Module):
     in_leads: int = 12
     init_mode: str = "mixed"
     variant: str = "reference"
-    transformer_fixup: bool = True
+    transformer_fixup: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

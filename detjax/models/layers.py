@@ -56,7 +56,7 @@ PRECISION = jax.lax.Precision.HIGHEST
 LN_EPSILON = 1e-5  # PyTorch LayerNorm default
 BN_EPSILON = 1e-5  # PyTorch BatchNorm default
 BN_MOMENTUM = 0.9  # Flax convention; equals PyTorch momentum=0.1
-FIXUP_SCALE = di.FIXUP_SCALE  # 0.01, METHOD §3: last 1x1 conv of every residual branch
+FIXUP_SCALE = di.FIXUP_SCALE  # 0.01 on the last 1x1 conv of the CNN residual blocks
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -98,12 +98,15 @@ def conv1d(
     stride: int = 1,
     groups: int = 1,
     scale: float = 1.0,
+    released_name: str | None = None,
 ) -> jax.Array:
     """A 1-D convolution (with bias) padded ``(k-1)/2`` like PyTorch, applied to ``x``.
 
     Must be called inside a ``@nn.compact`` method: it creates the submodule ``name`` of
     the calling module. Kernel ``(k, in/groups, features)``; ``fan_in = in/groups * k``
-    (the bias init needs it for the Kaiming baseline). ``scale`` is the fixup factor.
+    (the bias init needs it for the Kaiming baseline). ``scale`` is the fixup factor;
+    ``released_name`` is the layer's module name in the released PyTorch code (it picks the
+    basis for ``init_mode="mixed_as_released"``, see ``di.released_mixed_basis``).
     """
     in_ch = x.shape[-1]
     if in_ch % groups:
@@ -118,7 +121,8 @@ def conv1d(
         feature_group_count=groups,
         use_bias=True,
         precision=PRECISION,
-        kernel_init=di.kernel_init(init_mode, stage, scale=scale, variant=variant),
+        kernel_init=di.kernel_init(init_mode, stage, scale=scale, variant=variant,
+                                   released_name=released_name),
         bias_init=di.bias_init(init_mode, fan_in),
         name=name,
     )(x)
@@ -135,10 +139,12 @@ def dense(
     scale: float = 1.0,
     kernel_init=None,
     bias_init=None,
+    released_name: str | None = None,
 ) -> jax.Array:
     """A dense layer (with bias) on the last axis; kernel ``(in, out)``, ``fan_in = in``.
 
-    ``kernel_init`` / ``bias_init`` override the stage rule (used by the ETF heads).
+    ``kernel_init`` / ``bias_init`` override the stage rule (used by the ETF heads);
+    ``released_name`` as for :func:`conv1d`.
     Must be called inside a ``@nn.compact`` method.
     """
     in_features = x.shape[-1]
@@ -146,7 +152,8 @@ def dense(
         features,
         use_bias=True,
         precision=PRECISION,
-        kernel_init=kernel_init or di.kernel_init(init_mode, stage, scale=scale, variant=variant),
+        kernel_init=kernel_init or di.kernel_init(init_mode, stage, scale=scale, variant=variant,
+                                                  released_name=released_name),
         bias_init=bias_init or di.bias_init(init_mode, in_features),
         name=name,
     )(x)
@@ -284,8 +291,9 @@ class BatchNorm(nn.Module):
         return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
 
 
-# Inits of the ECG models: a structured basis (or "mixed" by stage) or PyTorch's default.
-ECG_INIT_MODES = ("mixed",) + tuple(di.BASES) + ("kaiming",)
+# Inits of the ECG models: a structured basis (or one of the two mixed schedules) or
+# PyTorch's default.
+ECG_INIT_MODES = di.MIXED_INITS + tuple(di.BASES) + ("kaiming",)
 
 
 def check_init_mode(init_mode: str, model: str) -> None:

@@ -34,8 +34,10 @@ CIFAR-style 3-channel, 10-class network the well-known 11,173,962.
 
 Initialisation (field ``init_mode``, ``init=`` in ``get_model("resnet18", ...)``):
 
-* structured (``"dct"``, ``"hadamard"``, ``"hartley"``, ``"sinusoidal"``, or ``"mixed"``,
-  which takes the basis from ``di.MIXED_SCHEDULE`` by stage): every conv kernel from the
+* structured (``"dct"``, ``"hadamard"``, ``"hartley"``, ``"sinusoidal"``, ``"mixed"``,
+  which takes the basis from ``di.MIXED_SCHEDULE`` by stage, or ``"mixed_as_released"``,
+  the released code's rule on module names: ``layer1`` Hadamard, ``layer2`` Hartley, the
+  rest DCT, see ``di.released_mixed_basis``): every conv kernel from the
   separable 2-D rule with per-filter rescaling to std ``1/sqrt(3 fan_in)``
   (``di.conv2d_kernel``), the second conv of every BasicBlock times 0.01 (fixup; not the
   shortcut conv), the head ``B[:out, :in]`` with per-row rescaling
@@ -71,7 +73,7 @@ __all__ = [
     "param_count",
 ]  # fmt: skip
 
-INITS = ("mixed",) + tuple(di.BASES) + ("he_normal",)
+INITS = di.MIXED_INITS + tuple(di.BASES) + ("he_normal",)
 STEM_WIDTH = 64
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_DEPTHS = (2, 2, 2, 2)
@@ -95,9 +97,14 @@ def _check_init(init: str) -> None:
 
 
 def _conv(
-    features: int, kernel: int, stride: int, *, stage: str, init: str, variant: str, name: str, scale: float = 1.0
+    features: int, kernel: int, stride: int, *, stage: str, init: str, variant: str, name: str, scale: float = 1.0,
+    released_name: str | None = None,
 ) -> nn.Conv:
-    """Bias-free ``kernel×kernel`` conv with PyTorch padding ``(kernel-1)/2``."""
+    """Bias-free ``kernel×kernel`` conv with PyTorch padding ``(kernel-1)/2``.
+
+    ``released_name``: the module name in the released code (picks the basis of
+    ``"mixed_as_released"``; torchvision-style ``layerN`` names, 1-based).
+    """
     pad = (kernel - 1) // 2
     return nn.Conv(
         features,
@@ -106,7 +113,7 @@ def _conv(
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
         precision=L.PRECISION,
-        kernel_init=di.kernel_init(init, stage, scale=scale, variant=variant),
+        kernel_init=di.kernel_init(init, stage, scale=scale, variant=variant, released_name=released_name),
         name=name,
     )
 
@@ -126,17 +133,20 @@ class BasicBlock(nn.Module):
     stage: str
     init_mode: str = "dct"
     variant: str = "reference"
+    released_prefix: str | None = None  # e.g. "layer2.0", the block's name in the released code
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         kw = dict(stage=self.stage, init=self.init_mode, variant=self.variant)
+        released = lambda name: self.released_prefix and f"{self.released_prefix}.{name}"  # noqa: E731
         bn = lambda name: L.BatchNorm(name=name)  # noqa: E731
-        y = _conv(self.features, 3, self.strides, name="conv1", **kw)(x)
+        y = _conv(self.features, 3, self.strides, name="conv1", released_name=released("conv1"), **kw)(x)
         y = nn.relu(bn("bn1")(y, use_running_average=not train))
-        y = _conv(self.features, 3, 1, name="conv2", scale=FIXUP_SCALE, **kw)(y)
+        y = _conv(self.features, 3, 1, name="conv2", scale=FIXUP_SCALE, released_name=released("conv2"), **kw)(y)
         y = bn("bn2")(y, use_running_average=not train)
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.strides, name="downsample_0", **kw)(x)
+            x = _conv(self.features, 1, self.strides, name="downsample_0", released_name=released("shortcut"),
+                      **kw)(x)
             x = bn("downsample_1")(x, use_running_average=not train)
         return nn.relu(y + x)
 
@@ -187,7 +197,8 @@ class ResNet18(nn.Module):
             width = self.width * base_width // STEM_WIDTH
             for b in range(depth):
                 stage, strides = f"stage{s}", stride if b == 0 else 1
-                block = BasicBlock(width, strides, stage, self.init_mode, self.variant, name=f"layer{s + 1}_{b}")
+                block = BasicBlock(width, strides, stage, self.init_mode, self.variant,
+                                   released_prefix=f"layer{s + 1}.{b}", name=f"layer{s + 1}_{b}")
                 x = block(x, train)
             self.sow("intermediates", f"stage{s}", x)
 

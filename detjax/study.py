@@ -4,8 +4,8 @@ A study is plain data (:class:`StudySpec`): a task, arms (initialisations), seed
 options. :func:`run_study` trains every (arm, seed) member that is not finished yet, each in
 ``out/<arm>/seed-<s>/`` with its own ``result.json`` and ``manifest.json`` (so a study is
 resumable: finished members are never retrained, an interrupted one continues from its last
-checkpoint), then :func:`analyse` computes what METHOD.md §7–8 reports and :func:`write_report`
-writes ``study.json``, ``study.md`` and the figures.
+checkpoint), then :func:`analyse` computes the paper's statistics and :func:`write_report`
+writes ``study.json`` (strict JSON: no NaN or infinity), ``study.md`` and the figures.
 
 What a seed changes in a member: the Kaiming/He draw (structured arms ignore it), the seeded
 batch order (studies use ``order="seeded"``: a permutation from seed + epoch), the
@@ -32,7 +32,7 @@ from detjax.train import TrainConfig
 __all__ = ["PAPER_SEEDS", "StudySpec", "StudyError", "arm_config", "member_dir", "run_study",
            "collect", "analyse", "report", "write_report", "markdown_tables"]
 
-#: METHOD.md §7: the seeds of the paper's n = 20 studies; ``--seeds N`` takes the first N.
+#: The seeds of the paper's n = 20 studies; ``--seeds N`` takes the first N.
 PAPER_SEEDS = (2, 3, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 42, 43, 47, 53, 123, 456, 789, 1337)
 MODES = ("sequential", "vmap", "unroll", "map")
 #: Scalar test metrics reported per arm when a task's result has them (besides test_score).
@@ -51,8 +51,10 @@ class StudySpec:
     ``arms``: initialisations (``"kaiming"`` means He-normal for ResNet-18). ``data``,
     ``model`` and ``train`` are options passed to the task, the model and
     :class:`~detjax.train.TrainConfig`. ``baseline`` is the arm the others are tested
-    against; ``delta`` the TOST equivalence margin (METHOD: 0.015 AUC).
-    ``mode``/``group_size`` choose how members run; they do not enter the members' configs.
+    against; ``delta`` the TOST equivalence margin (the paper: 0.015 AUC) and ``tost_df`` the
+    TOST degrees of freedom (``"pooled"``: nₐ + n_b − 2, the paper's choice, or ``"welch"``; see
+    :func:`detjax.stats.tost_equivalence`). ``mode``/``group_size`` choose how members run;
+    none of these enter the members' configs.
     """
 
     task: str
@@ -64,6 +66,7 @@ class StudySpec:
     train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     baseline: str = "kaiming"
     delta: float = 0.015
+    tost_df: str = "pooled"
     mode: str = "sequential"
     group_size: int = 0
 
@@ -74,6 +77,10 @@ class StudySpec:
             raise StudyError(f"seeds must be distinct and non-empty, got {list(self.seeds)}")
         if self.mode not in MODES:
             raise StudyError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.tost_df not in stats.TOST_DF:
+            raise StudyError(f"unknown tost_df {self.tost_df!r}; expected one of {stats.TOST_DF}")
+        if not self.delta > 0:
+            raise StudyError(f"delta must be positive, got {self.delta}")
         if self.epochs < 1 or self.group_size < 0:
             raise StudyError(f"epochs must be >= 1 and group_size >= 0, got {self.epochs}, {self.group_size}")
 
@@ -211,8 +218,46 @@ def report(out: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------ analysis
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/infinite float replaced by ``None`` (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _failure(result: Mapping[str, Any]) -> str | None:
+    """Why a finished member cannot enter the statistics (``None``: it can)."""
+    score = result.get("test_score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool):
+        return f"result.json has no numeric test_score (got {score!r})"
+    if not math.isfinite(score):
+        reason = f"test_score is {score!r}"
+        if result.get("best_epoch") == -1:
+            reason += " and no validation epoch was ever best (best_epoch -1, validation scores not finite)"
+        return reason
+    return None
+
+
+def _history_entry(h: Mapping[str, Any]) -> dict[str, Any]:
+    """Epoch, training loss and validation score of one history record; a value that is not a
+    finite number is left out (the figures skip what is absent)."""
+    values = {"train_loss": h.get("train_loss"), "val_score": (h.get("val") or {}).get("score")}
+    return {"epoch": h["epoch"], **{k: float(v) for k, v in values.items()
+                                    if isinstance(v, (int, float)) and math.isfinite(v)}}
+
+
 def collect(out: str | Path, spec: StudySpec) -> dict[str, list[dict[str, Any]]]:
-    """Per arm, the finished members' records (seed order): metrics, per-class AUC, hashes, history."""
+    """Per arm, the finished members' records (seed order): metrics, per-class AUC, the init
+    hashes (weights only and full state), final hash, history.
+
+    A member whose test score is missing, NaN or infinite is kept with ``failed`` set to the
+    reason and ``test_score`` ``None``; :func:`analyse` reports it and leaves it out of the
+    statistics. Non-finite floats elsewhere (e.g. a history entry) become ``None``.
+    """
     out = Path(out)
     records: dict[str, list[dict[str, Any]]] = {}
     for arm in spec.arms:
@@ -225,19 +270,24 @@ def collect(out: str | Path, spec: StudySpec) -> dict[str, list[dict[str, Any]]]
             if history is None:  # sequential members keep their history in the manifest
                 manifest = json.loads((member_dir(out, arm, seed) / "manifest.json").read_text())
                 history = manifest.get("history", [])
-            records[arm].append({
+            failed = _failure(result)
+            record = {
                 "seed": int(seed),
-                "test_score": float(result["test_score"]),
-                **{m: float(result[m]) for m in EXTRA_METRICS if isinstance(result.get(m), (int, float))},
+                "test_score": None if failed else float(result["test_score"]),
+                **{m: float(result[m]) for m in EXTRA_METRICS
+                   if isinstance(result.get(m), (int, float)) and math.isfinite(result[m])},
                 "per_class_auc": result.get("per_class_auc") or {},
                 "best_epoch": result.get("best_epoch"),
                 "best_val_score": result.get("best_val_score"),
+                "init_weights_sha256": result.get("init_weights_sha256"),
                 "init_sha256": result.get("init_sha256"),
                 "final_sha256": result.get("final_sha256"),
                 "execution": (result.get("execution") or {}).get("mode", "sequential"),
-                "history": [{"epoch": h["epoch"], "train_loss": h["train_loss"],
-                             **({"val_score": h["val"]["score"]} if "val" in h else {})} for h in history],
-            })
+                "history": [_history_entry(h) for h in history],
+            }
+            if failed:
+                record["failed"] = failed
+            records[arm].append(_finite(record))
     return records
 
 
@@ -246,30 +296,47 @@ def _per_class_matrix(records: Sequence[dict], labels: Sequence[str]) -> np.ndar
                      for r in records], dtype=np.float64).reshape(len(records), len(labels))
 
 
-def _safe(fn, *args, **kwargs):
-    """A statistic, or the reason it cannot be computed (e.g. fewer than 2 seeds)."""
+def _distinct(records: Sequence[dict], key: str) -> int | None:
+    """How many distinct values of hash ``key`` the members have (``None``: no member records it)."""
+    values = {r.get(key) for r in records} - {None}
+    return len(values) if values else None
+
+
+def _friedman(records: Mapping[str, Sequence[dict]]) -> dict[str, Any]:
+    """Friedman's test over all arms on ``test_score``, paired by seed; seeds missing from an
+    arm (unfinished or failed there) are dropped from every arm and named."""
+    arms = {arm: {r["seed"]: r["test_score"] for r in recs} for arm, recs in records.items()}
     try:
-        return fn(*args, **kwargs)
+        return {"arms": list(records), **stats.friedman(arms, mismatch="intersect")}
     except ValueError as exc:
-        return {"not_computed": str(exc)}
+        common = [s for s in next(iter(arms.values())) if all(s in v for v in arms.values())]
+        return {"arms": list(records), "seeds": common, "chi2": None, "p": None, "not_computed": str(exc)}
 
 
 def analyse(records: Mapping[str, Sequence[dict]], spec: StudySpec) -> dict[str, Any]:
-    """The study's statistics (METHOD.md §7–8), from :func:`collect`'s records.
+    """The study's statistics, from :func:`collect`'s records.
 
-    Per arm: summary (n, mean, sd, min, max, range) of ``test_score`` (macro AUC) and the
-    task's other scalar metrics, per-class AUC tables, and whether all members' final hashes
-    are distinct. Against ``spec.baseline``: Welch t, Levene, Mann–Whitney U, Cohen's d and
-    TOST (margin ``spec.delta``) on ``test_score``. Across all arms with three or more arms:
-    Friedman on the seeds every arm finished (paired by seed).
+    Per arm: the members that succeeded (``members``) and those that failed (``failed``: seed
+    and reason; left out of every statistic); summary (n, mean, sd, min, max, range) of
+    ``test_score`` (macro AUC) and the task's other scalar metrics, per-class AUC tables, and
+    how many distinct init-weights, init-state and final hashes the members have. Against
+    ``spec.baseline``: :func:`detjax.stats.compare_arms` on ``test_score`` (Welch t, Levene,
+    Mann–Whitney U, Cohen's d, sd ratio, TOST with margin ``spec.delta`` and df
+    ``spec.tost_df``). Across three or more arms: Friedman paired by seed on the seeds every
+    arm has. A statistic that cannot be computed is ``None`` with the reason.
     """
+    ok = {arm: [r for r in recs if not r.get("failed")] for arm, recs in records.items()}
     arms: dict[str, Any] = {}
     labels: list[str] = []
-    for recs in records.values():
+    for recs in ok.values():
         for r in recs:
             labels += [c for c in r["per_class_auc"] if c not in labels]
-    for arm, recs in records.items():
-        entry: dict[str, Any] = {"n": len(recs), "seeds": [r["seed"] for r in recs], "members": list(recs)}
+    for arm, recs in ok.items():
+        failed = [{"seed": r["seed"], "reason": r["failed"], "init_weights_sha256": r.get("init_weights_sha256"),
+                   "init_sha256": r.get("init_sha256"), "final_sha256": r.get("final_sha256")}
+                  for r in records[arm] if r.get("failed")]
+        entry: dict[str, Any] = {"n": len(recs), "seeds": [r["seed"] for r in recs], "members": list(recs),
+                                 "failed": failed}
         if recs:
             entry["test_score"] = stats.summary([r["test_score"] for r in recs])
             for m in EXTRA_METRICS:
@@ -277,30 +344,27 @@ def analyse(records: Mapping[str, Sequence[dict]], spec: StudySpec) -> dict[str,
                     entry[m] = stats.summary([r[m] for r in recs])
             if labels:
                 entry["per_class"] = stats.per_class_table(_per_class_matrix(recs, labels), labels)
-            hashes = [r["final_sha256"] for r in recs]
-            entry["distinct_final_hashes"] = len(set(hashes))
+            entry["distinct_init_weights_hashes"] = _distinct(recs, "init_weights_sha256")
+            entry["distinct_init_hashes"] = _distinct(recs, "init_sha256")
+            entry["distinct_final_hashes"] = _distinct(recs, "final_sha256")
         arms[arm] = entry
     comparisons = {}
-    base = records.get(spec.baseline, [])
-    for arm, recs in records.items():
-        if arm == spec.baseline or not base:
+    base = ok.get(spec.baseline)
+    for arm, recs in ok.items():
+        if arm == spec.baseline or base is None:
             continue
         a, b = [r["test_score"] for r in recs], [r["test_score"] for r in base]
         comparisons[f"{arm} vs {spec.baseline}"] = {
             "metric": "test_score",
-            **_safe(stats.compare_arms, a, b, delta=spec.delta),
-            **({"challenge_f1": _safe(stats.compare_arms, [r["challenge_f1"] for r in recs],
-                                      [r["challenge_f1"] for r in base], delta=spec.delta)}
+            **stats.compare_arms(a, b, delta=spec.delta, tost_df=spec.tost_df),
+            **({"challenge_f1": stats.compare_arms([r["challenge_f1"] for r in recs],
+                                                   [r["challenge_f1"] for r in base],
+                                                   delta=spec.delta, tost_df=spec.tost_df)}
                if all("challenge_f1" in r for r in list(recs) + list(base)) else {}),
         }
-    friedman = None
-    if len(records) >= 3:
-        common = sorted(set.intersection(*[{r["seed"] for r in recs} for recs in records.values()]))
-        paired = {arm: [next(r["test_score"] for r in recs if r["seed"] == s) for s in common]
-                  for arm, recs in records.items()}
-        friedman = {"arms": list(records), "seeds": common, **_safe(stats.friedman, paired)}
-    return {"spec": spec.to_dict(), "labels": labels, "arms": arms, "comparisons": comparisons,
-            "friedman": friedman}
+    friedman = _friedman(ok) if len(ok) >= 3 else None
+    return _finite({"spec": spec.to_dict(), "tost_df": spec.tost_df, "labels": labels, "arms": arms,
+                    "comparisons": comparisons, "friedman": friedman})
 
 
 # ------------------------------------------------------------------------- reports
@@ -316,41 +380,70 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def _get(c: Mapping[str, Any], test: str, key: str | None = None) -> Any:
+    """``c[test][key]`` (or ``c[test]``), ``None`` when the test was not computed."""
+    value = c.get(test)
+    return value if key is None or value is None else value.get(key)
+
+
+def _short(h: str | None) -> str:
+    return f"`{h[:12]}`" if h else "–"
+
+
 def markdown_tables(summary: Mapping[str, Any]) -> str:
-    """The study as markdown: per-arm table, tests against the baseline, Friedman, per-class ranges."""
+    """The study as markdown: per-arm table, tests against the baseline, Friedman, failed
+    members and why, per-class ranges, and per member the init-weights, init-state and final
+    hashes (first 12 hex digits; ``study.json`` has them in full)."""
     spec = summary["spec"]
+    tost_df = summary.get("tost_df", spec.get("tost_df", "welch"))
+    extra = [m for m in EXTRA_METRICS if any(m in a for a in summary["arms"].values())]
     lines = [f"# Seed study: {spec['task']}, {len(spec['seeds'])} seeds, {spec['epochs']} epochs", "",
-             "test_score is the test macro AUC at the best-validation epoch.", "",
-             "| arm | n | test_score mean ± sd | min – max | range |"
-             + "".join(f" {m} mean ± sd |" for m in EXTRA_METRICS if any(m in a for a in summary["arms"].values()))
-             + " distinct final hashes |",
-             "|---|---|---|---|---|" + "".join("---|" for m in EXTRA_METRICS
-                                                  if any(m in a for a in summary["arms"].values())) + "---|"]
+             "test_score is the test macro AUC at the best-validation epoch. Distinct hashes: of the "
+             "initial weights (parameters and BatchNorm statistics), of the whole initial state (also "
+             "PRNG key and optimiser state), and of the final state.", "",
+             "| arm | n | test_score mean ± sd | min – max | range |" + "".join(f" {m} mean ± sd |" for m in extra)
+             + " distinct init weights / init state / final hashes | failed |",
+             "|---|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for arm, a in summary["arms"].items():
+        failed = len(a.get("failed", []))
         if not a["n"]:
-            lines.append(f"| {arm} | 0 | – | – | – |")
+            lines.append(f"| {arm} | 0 | – | – | – |" + " – |" * len(extra) + f" – | {failed} |")
             continue
         s = a["test_score"]
-        row = f"| {arm} | {s['n']} | {_fmt(s['mean'])} ± {_fmt(s['sd'])} | {_fmt(s['min'])} – {_fmt(s['max'])} | {_fmt(s['range'])} |"
-        for m in EXTRA_METRICS:
-            if any(m in x for x in summary["arms"].values()):
-                row += f" {_fmt(a[m]['mean'])} ± {_fmt(a[m]['sd'])} |" if m in a else " – |"
-        lines.append(row + f" {a['distinct_final_hashes']} of {a['n']} |")
+        row = (f"| {arm} | {s['n']} | {_fmt(s['mean'])} ± {_fmt(s['sd'])} | {_fmt(s['min'])} – {_fmt(s['max'])} "
+               f"| {_fmt(s['range'])} |")
+        for m in extra:
+            row += f" {_fmt(a[m]['mean'])} ± {_fmt(a[m]['sd'])} |" if m in a else " – |"
+        hashes = " / ".join(_fmt(a.get(k)) for k in ("distinct_init_weights_hashes", "distinct_init_hashes",
+                                                     "distinct_final_hashes"))
+        lines.append(row + f" {hashes} of {a['n']} | {failed} |")
+    reasons: list[str] = []
     if summary["comparisons"]:
         lines += ["", "| comparison (test_score) | Δ mean | Welch p | Levene p | Mann–Whitney p | Cohen's d | "
-                  f"TOST p (δ={spec['delta']}) | equivalent |", "|---|---|---|---|---|---|---|---|"]
+                  f"sd ratio (baseline / arm) | TOST p (δ={spec['delta']}, {tost_df} df) | equivalent |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, c in summary["comparisons"].items():
-            if "not_computed" in c:
-                lines.append(f"| {name} | {c['not_computed']} | | | | | | |")
-                continue
-            lines.append(f"| {name} | {_fmt(c['a']['mean'] - c['b']['mean'])} | {_fmt(c['welch_t']['p'])} | "
-                         f"{_fmt(c['levene']['p'])} | {_fmt(c['mann_whitney']['p'])} | {_fmt(c['cohens_d'], 2)} | "
-                         f"{_fmt(c['tost']['p'])} | {_fmt(c['tost']['equivalent'])} |")
+            means = (_get(c, "a", "mean"), _get(c, "b", "mean"))
+            delta = None if None in means else means[0] - means[1]
+            lines.append(f"| {name} | {_fmt(delta)} | {_fmt(_get(c, 'welch_t', 'p'))} | "
+                         f"{_fmt(_get(c, 'levene', 'p'))} | {_fmt(_get(c, 'mann_whitney', 'p'))} | "
+                         f"{_fmt(_get(c, 'cohens_d'), 2)} | {_fmt(_get(c, 'sd_ratio'), 2)} | "
+                         f"{_fmt(_get(c, 'tost', 'p'))} | {_fmt(_get(c, 'tost', 'equivalent'))} |")
+            reasons += [f"- {name}, {test}: {why}" for test, why in c.get("not_computed", {}).items()]
+    if reasons:
+        lines += ["", "Not computed (n/a above):", ""] + reasons
     if summary.get("friedman"):
         f = summary["friedman"]
-        lines += ["", "Basis comparison (Friedman, paired by seed over " + ", ".join(f["arms"]) + "): "
-                  + (f"χ² = {_fmt(f['chi2'], 3)}, p = {_fmt(f['p'])}, n = {f['n_seeds']} seeds"
-                     if "chi2" in f else f["not_computed"])]
+        text = (f"χ² = {_fmt(f['chi2'], 3)}, p = {_fmt(f['p'])}, n = {f['n_seeds']} seeds"
+                if f.get("chi2") is not None else f"not computed: {f['not_computed']}")
+        dropped = f.get("dropped") or {}
+        lines += ["", "Basis comparison (Friedman, paired by seed over " + ", ".join(f["arms"]) + "): " + text
+                  + (f"; seeds used: {', '.join(str(s) for s in f['seeds'])}" if f.get("seeds") else "")
+                  + (f"; dropped (not in every arm): {dropped}" if dropped else "")]
+    failed = [(arm, x) for arm, a in summary["arms"].items() for x in a.get("failed", [])]
+    if failed:
+        lines += ["", "Failed members (left out of every statistic):", ""]
+        lines += [f"- {arm} seed {x['seed']}: {x['reason']}" for arm, x in failed]
     if summary["labels"]:
         arms = [a for a, v in summary["arms"].items() if v.get("per_class")]
         lines += ["", "Per-class test AUC over seeds: mean ± sd [range in percentage points]", "",
@@ -362,13 +455,21 @@ def markdown_tables(summary: Mapping[str, Any]) -> str:
                 cells.append("n/a" if not t.get("n") else
                              f"{_fmt(t['mean'], 3)} ± {_fmt(t['sd'], 3)} [{100 * t['range']:.1f} pp]")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    members = [(arm, m) for arm, a in summary["arms"].items() for m in a["members"]]
+    if members:
+        lines += ["", "| arm | seed | test_score | init weights sha256 | init state sha256 | final sha256 |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {arm} | {m['seed']} | {_fmt(m['test_score'])} | {_short(m.get('init_weights_sha256'))} | "
+                  f"{_short(m.get('init_sha256'))} | {_short(m.get('final_sha256'))} |" for arm, m in members]
     return "\n".join(lines) + "\n"
 
 
 def write_report(summary: Mapping[str, Any], out: str | Path) -> dict[str, Path]:
-    """Writes ``study.json``, ``study.md`` and (with matplotlib) the figures into ``out``."""
+    """Writes ``study.json`` (strict JSON; a NaN or infinity is refused with ``ValueError``),
+    ``study.md`` and (with matplotlib) the figures into ``out``."""
     out = Path(out)
     paths = {"json": out / "study.json", "markdown": out / "study.md"}
+    json.dumps(summary, allow_nan=False, default=str)  # raises before anything is written
     manifest_lib.write_json_atomic(paths["json"], summary)
     text = markdown_tables(summary)
     tmp = paths["markdown"].with_suffix(".md.tmp")

@@ -56,7 +56,7 @@ def test_bad_specs_are_named(kwargs, message):
 
 def _records(scores, per_class=None):
     return [{"seed": s, "test_score": v, "per_class_auc": (per_class or {}).get(s, {}), "final_sha256": f"h{s}{v}",
-             "history": []} for s, v in scores.items()]
+             "init_weights_sha256": "w", "init_sha256": f"i{s}", "history": []} for s, v in scores.items()]
 
 
 def test_analysis_is_the_stats_module_applied_to_the_members():
@@ -67,14 +67,19 @@ def test_analysis_is_the_stats_module_applied_to_the_members():
     spec = small_spec(arms=("dct", "hartley", "kaiming"), seeds=(2, 3, 7, 11))
     summary = study.analyse({"dct": _records(dct, per_class), "hartley": _records(hartley),
                              "kaiming": _records(kaiming)}, spec)
-    expected = stats.compare_arms(list(dct.values()), list(kaiming.values()), delta=0.015)
+    expected = stats.compare_arms(list(dct.values()), list(kaiming.values()), delta=0.015, tost_df="pooled")
     got = summary["comparisons"]["dct vs kaiming"]
     assert got["welch_t"] == expected["welch_t"] and got["tost"] == expected["tost"]
-    assert got["cohens_d"] == expected["cohens_d"]
+    assert got["tost"]["df_method"] == "pooled" and summary["tost_df"] == "pooled"  # the study default
+    assert got["cohens_d"] == expected["cohens_d"] and got["sd_ratio"] == expected["sd_ratio"]
     assert summary["arms"]["dct"]["test_score"] == stats.summary(list(dct.values()))
+    assert summary["arms"]["dct"]["distinct_init_weights_hashes"] == 1
+    assert summary["arms"]["dct"]["distinct_init_hashes"] == 4
     assert summary["friedman"]["seeds"] == [2, 3, 7, 11]
-    assert summary["friedman"]["p"] == stats.friedman({"dct": list(dct.values()), "hartley": list(hartley.values()),
-                                                       "kaiming": list(kaiming.values())})["p"]
+    assert summary["friedman"]["p"] == stats.friedman({"dct": dct, "hartley": hartley, "kaiming": kaiming})["p"]
+    welch = study.analyse({"dct": _records(dct), "kaiming": _records(kaiming)}, small_spec(tost_df="welch"))
+    assert welch["comparisons"]["dct vs kaiming"]["tost"] == stats.tost_equivalence(
+        list(dct.values()), list(kaiming.values()), df="welch")
     # Per-class tables skip missing classes (None / absent) instead of inventing values.
     assert summary["labels"] == ["A", "B"]
     assert summary["arms"]["dct"]["per_class"]["B"]["n"] == 2
@@ -86,8 +91,99 @@ def test_analysis_is_the_stats_module_applied_to_the_members():
 def test_a_single_seed_reports_why_tests_are_missing():
     summary = study.analyse({"dct": _records({2: 0.9}), "kaiming": _records({2: 0.8})},
                             small_spec(seeds=(2,)))
-    assert "not_computed" in summary["comparisons"]["dct vs kaiming"]
-    assert "needs at least 2" in study.markdown_tables(summary)
+    c = summary["comparisons"]["dct vs kaiming"]
+    assert c["welch_t"] is None and "at least 3 values per arm" in c["not_computed"]["welch_t"]
+    assert c["a"]["sd"] is None  # one seed: no sd, and no NaN in the report
+    assert "Welch's t-test needs at least 3" in study.markdown_tables(summary)
+    json.dumps(summary, allow_nan=False)
+
+
+def test_zero_variance_arms_give_null_and_a_reason():
+    seeds = (2, 3, 7, 11)
+    arms = ("dct", "hadamard", "kaiming")
+    summary = study.analyse({arm: _records(dict.fromkeys(seeds, 0.9)) for arm in arms},
+                            small_spec(arms=arms, seeds=seeds))
+    c = summary["comparisons"]["dct vs kaiming"]
+    for test in ("welch_t", "levene", "mann_whitney", "cohens_d", "sd_ratio", "tost"):
+        assert c[test] is None and c["not_computed"][test]
+    assert summary["friedman"]["chi2"] is None and "tied within every seed" in summary["friedman"]["not_computed"]
+    text = json.dumps(summary, allow_nan=False)  # strict JSON: no Infinity, NaN or placeholder df
+    assert "Infinity" not in text and "NaN" not in text
+    md = study.markdown_tables(summary)
+    assert "both arms have zero variance" in md and "tied within every seed" in md
+
+
+def test_a_failed_member_is_reported_and_left_out():
+    records = {"dct": _records({2: 0.90, 3: 0.91, 7: 0.92, 11: 0.93}),
+               "kaiming": _records({2: 0.88, 3: 0.92, 7: 0.86, 11: 0.90})}
+    records["dct"][1].update(test_score=None, failed="test_score is nan")
+    summary = study.analyse(records, small_spec(seeds=(2, 3, 7, 11)))
+    dct = summary["arms"]["dct"]
+    assert dct["n"] == 3 and dct["seeds"] == [2, 7, 11]
+    assert dct["failed"] == [{"seed": 3, "reason": "test_score is nan", "init_weights_sha256": "w",
+                              "init_sha256": "i3", "final_sha256": "h30.91"}]
+    assert summary["comparisons"]["dct vs kaiming"]["a"] == stats.summary([0.90, 0.92, 0.93])
+    assert "dct seed 3: test_score is nan" in study.markdown_tables(summary)
+
+
+# The published per-seed test AUCs (n = 20 per arm) of arXiv 2603.28040 and the statistics the
+# paper prints for them; each printed value is pinned to the digits printed.
+PAPER = json.loads((Path(__file__).parent / "data" / "paper_seed_aucs.json").read_text())
+
+
+def _printed(value, as_printed):
+    """``value`` rounded to the decimal places of ``as_printed`` (0.0155: 4, 8e-05: 5) equals it."""
+    from decimal import Decimal
+
+    return round(value, -Decimal(repr(as_printed)).as_tuple().exponent) == as_printed
+
+
+def _paper_summary(arms):
+    """study.analyse on the published AUCs of ``arms`` (study arm name -> fixture arm name)."""
+    auc = PAPER["auc"]
+    records = {arm: _records({int(s): v for s, v in auc[key].items()}) for arm, key in arms.items()}
+    return study.analyse(records, small_spec(arms=tuple(arms), seeds=study.PAPER_SEEDS))
+
+
+def test_the_study_statistics_reproduce_every_value_the_paper_prints():
+    printed = PAPER["paper_statistics"]
+    assert all(tuple(int(s) for s in v) == study.PAPER_SEEDS for v in PAPER["auc"].values())
+    cases = {"conformer_mixed_vs_kaiming": {"mixed": "conformer_mixed", "kaiming": "conformer_kaiming"},
+             "baseline_dct_vs_kaiming": {"dct": "baseline_dct", "kaiming": "baseline_kaiming"}}
+    pinned = []
+    for name, arms in cases.items():
+        summary = _paper_summary(arms)
+        (c,) = summary["comparisons"].values()
+        assert "not_computed" not in c and c["tost"]["df_method"] == "pooled"
+        got = {"welch_p": c["welch_t"]["p"], "welch_p_below": c["welch_t"]["p"], "levene_median_p": c["levene"]["p"],
+               "mann_whitney_p": c["mann_whitney"]["p"], "cohens_d": c["cohens_d"],
+               "sd_ratio_kaiming_over_structured": c["sd_ratio"], "tost_p_delta_0.015": c["tost"]["p"]}
+        for key, value in printed[name].items():
+            if key == "welch_p_below":
+                assert got[key] < value, (name, key, got[key])
+            else:
+                assert _printed(got[key], value), (name, key, got[key], value)
+            pinned.append((name, key))
+        json.dumps(summary, allow_nan=False)
+    # Conformer mixed vs Kaiming: Welch p 0.0155, Levene 0.031, MW 0.028, d 0.82, sd ratio 1.99, TOST 0.0004.
+    conf = _paper_summary(cases["conformer_mixed_vs_kaiming"])["comparisons"]["mixed vs kaiming"]
+    assert (round(conf["welch_t"]["p"], 4), round(conf["levene"]["p"], 3), round(conf["mann_whitney"]["p"], 3),
+            round(conf["cohens_d"], 2), round(conf["sd_ratio"], 2), round(conf["tost"]["p"], 4)) == (
+        0.0155, 0.031, 0.028, 0.82, 1.99, 0.0004)
+    assert conf["tost"]["df"] == 38 and conf["tost"]["equivalent"]
+    # Baseline DCT vs Kaiming: Welch p < 0.001, Levene 0.023, MW 8e-05, d 1.6, sd ratio 1.66.
+    base = _paper_summary(cases["baseline_dct_vs_kaiming"])["comparisons"]["dct vs kaiming"]
+    assert base["welch_t"]["p"] < 0.001
+    assert (round(base["levene"]["p"], 3), round(base["mann_whitney"]["p"], 5), round(base["cohens_d"], 1),
+            round(base["sd_ratio"], 2)) == (0.023, 8e-05, 1.6, 1.66)
+    # Friedman over the four single-basis Conformer arms, paired by seed: chi2 2.46, p 0.48.
+    bases = {b: f"basis_{b}" for b in ("dct", "hadamard", "hartley", "sinusoidal")}
+    f = _paper_summary(bases)["friedman"]
+    assert f["arms"] == list(bases) and f["seeds"] == list(study.PAPER_SEEDS) and f["dropped"] == {}
+    assert (round(f["chi2"], 2), round(f["p"], 2)) == (2.46, 0.48)
+    key = "friedman_basis_dct_hadamard_hartley_sinusoidal"
+    assert _printed(f["chi2"], printed[key]["chi2"]) and _printed(f["p"], printed[key]["p"])
+    assert len(pinned) == 11
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +206,51 @@ def test_run_study_writes_members_report_and_figures(finished_study):
     # The state's hash covers its PRNG key, derived from the seed, so every member's init differs.
     members = summary["arms"]
     assert len({m["init_sha256"] for m in members["kaiming"]["members"]}) == 2
+    assert written["tost_df"] == "pooled" and written["spec"]["tost_df"] == "pooled"
+    json.dumps(written, allow_nan=False)
     assert members["dct"]["distinct_final_hashes"] == 2  # the seeded order differs
     for name in ("study.md", "per_class_spread.png", "convergence.png"):
         assert (out / name).stat().st_size > 0
     assert "| dct vs kaiming |" in (out / "study.md").read_text()
+
+
+def test_structured_members_share_the_weights_hash_not_the_state_hash(finished_study):
+    out, summary, _ = finished_study
+    dct, kaiming = summary["arms"]["dct"], summary["arms"]["kaiming"]
+    weights = {m["init_weights_sha256"] for m in dct["members"]}
+    states = {m["init_sha256"] for m in dct["members"]}
+    # The structured init does not depend on the seed; the PRNG key in the state does.
+    assert len(weights) == 1 and None not in weights and len(states) == 2
+    assert (dct["distinct_init_weights_hashes"], dct["distinct_init_hashes"]) == (1, 2)
+    assert len({m["init_weights_sha256"] for m in kaiming["members"]}) == 2  # He draws differ per seed
+    (weights_hash,) = weights
+    for seed in (2, 3):
+        run = out / "dct" / f"seed-{seed}"
+        result = json.loads((run / "result.json").read_text())
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert result["init_weights_sha256"] == manifest["init_weights_sha256"] == weights_hash
+        assert result["init_sha256"] == manifest["init_digests"]["sha256"] != weights_hash
+    text = (out / "study.md").read_text()
+    assert "init weights sha256" in text and f"`{dct['members'][0]['init_weights_sha256'][:12]}`" in text
+
+
+def test_a_member_with_a_nan_test_score_fails_and_the_report_is_still_written(finished_study, tmp_path):
+    import shutil
+
+    out, _, _ = finished_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    path = copy / "dct" / "seed-3" / "result.json"
+    result = json.loads(path.read_text())
+    path.write_text(json.dumps({**result, "test_score": float("nan")}))  # non-strict JSON, as json writes NaN
+    summary = study.report(copy)
+    written = json.loads((copy / "study.json").read_text())
+    json.dumps(written, allow_nan=False)
+    assert written["arms"]["dct"]["n"] == 1 and written["arms"]["dct"]["seeds"] == [2]
+    assert written["arms"]["dct"]["failed"][0]["seed"] == 3
+    assert written["arms"]["dct"]["failed"][0]["reason"].startswith("test_score is nan")
+    assert written["arms"]["kaiming"]["n"] == 2 and summary["comparisons"]["dct vs kaiming"]["a"]["n"] == 1
+    assert "dct seed 3: test_score is nan" in (copy / "study.md").read_text()
 
 
 def test_a_rerun_trains_nothing_and_new_seeds_are_added(finished_study, tmp_path):
@@ -134,16 +271,20 @@ def test_a_directory_of_another_study_is_refused(finished_study):
 
 def test_vmapped_group_members_join_the_study(finished_study, tmp_path):
     out, summary, _ = finished_study
-    spec = small_spec(arms=("kaiming",), seeds=(2, 3, 7, 11), mode="vmap")
+    spec = small_spec(arms=("dct",), seeds=(2, 3, 7, 11), mode="vmap")
     import shutil
 
-    shutil.copytree(out / "kaiming", tmp_path / "kaiming")
+    shutil.copytree(out / "dct", tmp_path / "dct")
     log = []
     result = study.run_study(spec, tmp_path, progress=False, log=log.append)
-    assert log == ["arm kaiming: 2 of 4 seeds finished, training [7, 11]"]
-    executions = {m["seed"]: m["execution"] for m in result["arms"]["kaiming"]["members"]}
+    assert log == ["arm dct: 2 of 4 seeds finished, training [7, 11]"]
+    members = result["arms"]["dct"]["members"]
+    executions = {m["seed"]: m["execution"] for m in members}
     assert executions == {2: "sequential", 3: "sequential", 7: "vmap", 11: "vmap"}
-    assert (tmp_path / "kaiming" / "groups" / "7-11" / "checkpoints").is_dir()
+    assert (tmp_path / "dct" / "groups" / "7-11" / "checkpoints").is_dir()
+    # The vmapped members' initial weights are those of the sequential members (a structured arm).
+    assert len({m["init_weights_sha256"] for m in members}) == 1
+    assert len({m["init_sha256"] for m in members}) == 4
 
 
 def test_cli_report_only(finished_study):

@@ -40,7 +40,7 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((batch,) + shape).astype(np.float32)
 image = arch == "resnet18"
 y = rng.integers(0, classes, (batch, 1)).astype(np.int32) if image else (rng.random((batch, classes)) < 0.2).astype(np.float32)
-config = TrainConfig(task="bench", arch=arch, init="dct" if image else "mixed", epochs=1, batch_size=batch,
+config = TrainConfig(task="synthetic", arch=arch, init="dct" if image else "mixed", epochs=1, batch_size=batch,
                      optimizer="sgd" if image else "adam", loss="ce" if image else "bce")
 kwargs = {{"in_channels": 1}} if image else {{}}
 model = get_model(arch, num_classes=classes, init_mode=config.init, **kwargs)

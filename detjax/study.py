@@ -29,7 +29,7 @@ from detjax import manifest as manifest_lib
 from detjax import stats
 from detjax.train import TrainConfig
 
-__all__ = ["PAPER_SEEDS", "StudySpec", "StudyError", "arm_config", "member_dir", "run_study",
+__all__ = ["PAPER_SEEDS", "StudySpec", "StudyError", "member_config", "member_dir", "run_study",
            "collect", "analyse", "report", "write_report", "markdown_tables"]
 
 #: The seeds of the paper's n = 20 studies; ``--seeds N`` takes the first N.
@@ -48,9 +48,11 @@ class StudySpec:
     """A seed study as data.
 
     ``task``: ``"medmnist:<flag>"``, ``"cinc2017"``, ``"ptbxl"`` or ``"synthetic"``.
-    ``arms``: initialisations (``"kaiming"`` means He-normal for ResNet-18). ``data``,
-    ``model`` and ``train`` are options passed to the task, the model and
-    :class:`~detjax.train.TrainConfig`. ``baseline`` is the arm the others are tested
+    ``arms``: initialisations (``"kaiming"`` means He-normal for ResNet-18). ``options``:
+    further named arguments of the task's recipe (:mod:`detjax.recipes`: e.g. ``data_dir``,
+    ``limit``, ``leads``, ``width``, ``batch_size``, ``eval_every``, ``order``), the same
+    arguments the experiment CLIs pass, so a member's config is the one the experiment would
+    build with ``--order seeded --seed s``. ``baseline`` is the arm the others are tested
     against; ``delta`` the TOST equivalence margin (the paper: 0.015 AUC) and ``tost_df`` the
     TOST degrees of freedom (``"pooled"``: nₐ + n_b − 2, the paper's choice, or ``"welch"``; see
     :func:`detjax.stats.tost_equivalence`). ``mode``/``group_size`` choose how members run;
@@ -61,9 +63,7 @@ class StudySpec:
     arms: tuple[str, ...]
     seeds: tuple[int, ...]
     epochs: int
-    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     baseline: str = "kaiming"
     delta: float = 0.015
     tost_df: str = "pooled"
@@ -83,6 +83,9 @@ class StudySpec:
             raise StudyError(f"delta must be positive, got {self.delta}")
         if self.epochs < 1 or self.group_size < 0:
             raise StudyError(f"epochs must be >= 1 and group_size >= 0, got {self.epochs}, {self.group_size}")
+        reserved = sorted({"init", "seed", "epochs"} & set(self.options))
+        if reserved:
+            raise StudyError(f"options may not set {reserved}: arms, seeds and epochs say that")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -91,42 +94,23 @@ class StudySpec:
     def from_dict(cls, d: Mapping[str, Any]) -> "StudySpec":
         d = dict(d)
         d["arms"], d["seeds"] = tuple(d["arms"]), tuple(int(s) for s in d["seeds"])
+        # study_spec.json files written before recipes kept the options in three dicts
+        legacy = {k: v for part in ("data", "model", "train") for k, v in dict(d.pop(part, None) or {}).items()}
+        if legacy:
+            d["options"] = {**legacy, **dict(d.get("options") or {})}
         return cls(**d)
 
 
-def arm_config(spec: StudySpec, arm: str, seed: int = 0) -> TrainConfig:
-    """The :class:`TrainConfig` of member ``(arm, seed)``: the task's protocol, seeded order."""
-    task, _, flag = spec.task.partition(":")
-    train = {"order": "seeded", **dict(spec.train)}
-    common = dict(epochs=spec.epochs, seed=int(seed), **train)
-    if task == "medmnist":
-        from detjax.data.medmnist import dataset_info
+def member_config(spec: StudySpec, arm: str, seed: int = 0) -> TrainConfig:
+    """The :class:`TrainConfig` of member ``(arm, seed)``: the task's recipe with the study's
+    options, seeded order unless the options choose another."""
+    from detjax import recipes
 
-        if not flag:
-            raise StudyError("medmnist studies name the set: --task medmnist:breastmnist")
-        flag = flag.lower()
-        loss = "bce" if flag == "chestmnist" else "ce"
-        model = {"in_channels": dataset_info(flag).n_channels, **dict(spec.model)}
-        base = dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4, loss=loss,
-                    eval_every=1, augment=True)
-        return TrainConfig(task="medmnist", data={"flag": flag, **dict(spec.data)}, arch="resnet18", model=model,
-                           init="he_normal" if arm == "kaiming" else arm, **{**base, **common})
-    if flag:
-        raise StudyError(f"task {task!r} takes no ':' suffix, got {spec.task!r}")
-    if task == "cinc2017":
-        base = dict(optimizer="adam", learning_rate=1e-3, loss="ce", eval_every=1)
-        return TrainConfig(task="cinc2017", data=dict(spec.data), arch="conformer",
-                           model={"in_leads": 1, **dict(spec.model)}, init=arm, **{**base, **common})
-    if task == "ptbxl":
-        base = dict(optimizer="adam", learning_rate=1e-3, loss="weighted_bce", eval_every=10)
-        leads = len(spec.data.get("leads") or ()) or 12
-        return TrainConfig(task="ptbxl", data=dict(spec.data), arch="conformer",
-                           model={"in_leads": leads, **dict(spec.model)}, init=arm, **{**base, **common})
-    if task == "synthetic":
-        base = dict(optimizer="adam", learning_rate=1e-3, loss="weighted_bce", eval_every=1, batch_size=32)
-        return TrainConfig(task="synthetic", data=dict(spec.data), arch="tiny", model=dict(spec.model),
-                           init=arm, **{**base, **common})
-    raise StudyError(f"unknown study task {spec.task!r}; expected medmnist:<flag>, cinc2017, ptbxl or synthetic")
+    try:
+        return recipes.get_config(spec.task, **{"order": "seeded", **dict(spec.options)}, init=arm,
+                                  seed=int(seed), epochs=spec.epochs)
+    except ValueError as exc:
+        raise StudyError(str(exc)) from exc
 
 
 def member_dir(out: Path, arm: str, seed: int) -> Path:
@@ -139,7 +123,7 @@ def _finished(out: Path, spec: StudySpec, arm: str, seed: int) -> dict | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    expected = arm_config(spec, arm, seed).hash()
+    expected = member_config(spec, arm, seed).hash()
     if result.get("config_hash") != expected:
         raise StudyError(f"{path} was trained with config hash {result.get('config_hash')}, not {expected}: "
                          "this directory holds another study; nothing was overwritten. Choose another --out")
@@ -151,8 +135,8 @@ def _check_spec(out: Path, spec: StudySpec) -> None:
     path = out / "study_spec.json"
     if not path.exists():
         return
-    previous = json.loads(path.read_text())
-    fixed = ("task", "epochs", "data", "model", "train")
+    previous = StudySpec.from_dict(json.loads(path.read_text())).to_dict()
+    fixed = ("task", "epochs", "options")
     now = spec.to_dict()
     changed = [k for k in fixed if previous.get(k) != now.get(k)]
     if changed:
@@ -169,7 +153,7 @@ def run_study(spec: StudySpec, out: str | Path, *, environment: dict | None = No
 
     out = Path(out).absolute()
     _check_spec(out, spec)
-    configs = {arm: arm_config(spec, arm) for arm in spec.arms}  # validates every arm before training
+    configs = {arm: member_config(spec, arm) for arm in spec.arms}  # validates every arm before training
     out.mkdir(parents=True, exist_ok=True)
     manifest_lib.write_json_atomic(out / "study_spec.json", spec.to_dict())
     if environment is None:
@@ -187,7 +171,7 @@ def run_study(spec: StudySpec, out: str | Path, *, environment: dict | None = No
             data = tasks.load_task(configs[arm])
         if spec.mode == "sequential":
             for seed in pending:
-                train_and_evaluate(arm_config(spec, arm, seed), data, member_dir(out, arm, seed), resume=True,
+                train_and_evaluate(member_config(spec, arm, seed), data, member_dir(out, arm, seed), resume=True,
                                    environment=environment, progress=progress)
             continue
         size = spec.group_size or len(pending)

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="study directory (default runs/study-<task>-<timestamp>)")
     parser.add_argument("--data-dir", default=None, help="dataset directory (task default otherwise)")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N records of each split")
+    parser.add_argument("--leads", default=None,
+                        help="ptbxl: lead subset, 'limb' (I, II, III, AVR, AVL, AVF) or a comma list; default all 12")
     parser.add_argument("--width", type=positive_int, default=None, help="ResNet-18 width (64 is the paper's; reduced studies)")
     parser.add_argument("--window-seconds", type=positive_float, default=None, help="cinc2017: window length in seconds")
     parser.add_argument("--batch-size", type=positive_int, default=None)
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(see docs/seed_studies.md for which modes equal the solo run bit for bit)")
     parser.add_argument("--group-size", type=nonnegative_int, default=0, help="seeds per compiled group (0: all pending)")
     parser.add_argument("--delta", type=positive_float, default=0.015, help="TOST equivalence margin (AUC)")
+    parser.add_argument("--tost-df", choices=["pooled", "welch"], default="pooled",
+                        help="TOST degrees of freedom with the Welch standard error: n_a + n_b - 2 (default; "
+                             "gives the paper's printed p) or the Welch-Satterthwaite df")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute study.json/md and figures of the study in --out (no training)")
     parser.add_argument("--compile-cache", default=None,
@@ -105,23 +110,15 @@ def spec_from_args(args):
             raise ValueError(f"--seeds must be 1..{len(PAPER_SEEDS)} (the paper's list); use --seed-list for others")
         seeds = PAPER_SEEDS[:args.seeds]
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    data, model, train = {}, {}, {}
-    if args.data_dir:
-        data["data_dir"] = str(Path(args.data_dir).absolute())
-    if args.limit is not None:
-        data["limit"] = args.limit
-    if args.window_seconds is not None:
-        data["window_seconds"] = args.window_seconds
-    if args.width is not None:
-        model["width"] = args.width
-    if args.batch_size is not None:
-        train["batch_size"] = args.batch_size
-    if args.eval_every is not None:
-        train["eval_every"] = args.eval_every
-    if args.order != "seeded":  # the default is left out, so existing studies keep their config hashes
-        train["order"] = args.order
-    return StudySpec(task=args.task, arms=arms, seeds=seeds, epochs=args.epochs, data=data, model=model,
-                     train=train, baseline=args.baseline, delta=args.delta, mode=args.mode,
+    # The recipe's own arguments (detjax.recipes), exactly as the experiment CLIs pass them;
+    # flags left unset keep the recipe's defaults.
+    options = {"data_dir": args.data_dir and str(Path(args.data_dir).absolute()), "limit": args.limit,
+               "window_seconds": args.window_seconds, "width": args.width, "leads": args.leads,
+               "batch_size": args.batch_size, "eval_every": args.eval_every,
+               "order": None if args.order == "seeded" else args.order}
+    options = {k: v for k, v in options.items() if v is not None}
+    return StudySpec(task=args.task, arms=arms, seeds=seeds, epochs=args.epochs, options=options,
+                     baseline=args.baseline, delta=args.delta, tost_df=args.tost_df, mode=args.mode,
                      group_size=args.group_size)
 
 
@@ -142,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(args)
         if not args.report_only:
-            spec_from_args(args)  # --seeds range and the spec's own checks (no data, no computation)
+            from detjax import study
+
+            spec = spec_from_args(args)  # --seeds range and the spec's own checks (no data, no computation)
+            for arm in spec.arms:
+                study.member_config(spec, arm)  # unknown inits/tasks/options
     except (ValueError, OSError) as exc:
         error_exit(str(exc))
     environment = configure_process(args.cpu_threads, None)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--task and --epochs are required (except with --report-only)")
             spec = spec_from_args(args)
             for arm in spec.arms:
-                study.arm_config(spec, arm)  # unknown inits/tasks fail here, before any training
+                study.member_config(spec, arm)  # unknown inits/tasks fail here, before any training
             out = Path(args.out) if args.out else default_out("study-" + args.task.replace(":", "-"))
             _use_compile_cache(args.compile_cache, out)
             print(f"study {spec.task}: arms {list(spec.arms)}, seeds {list(spec.seeds)}, {spec.epochs} epochs, "

@@ -12,37 +12,54 @@ from detjax import stats, study
 from detjax.study import StudyError, StudySpec
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_DATA = {"n_train": 32, "n_val": 24, "n_test": 24, "length": 64, "leads": 3, "num_classes": 4, "seed": 1}
+SMALL = {"n_train": 32, "n_val": 24, "n_test": 24, "length": 64, "leads": 3, "num_classes": 4, "data_seed": 1,
+         "batch_size": 16}
 
 
 def small_spec(**overrides):
-    base = dict(task="synthetic", arms=("dct", "kaiming"), seeds=(2, 3), epochs=1, data=SMALL_DATA,
-                train={"batch_size": 16})
+    base = dict(task="synthetic", arms=("dct", "kaiming"), seeds=(2, 3), epochs=1, options=SMALL)
     base.update(overrides)
     return StudySpec(**base)
 
 
-def test_arm_configs_follow_each_tasks_protocol():
-    spec = StudySpec(task="medmnist:breastmnist", arms=("dct", "kaiming"), seeds=(2,), epochs=3, model={"width": 16})
-    dct, kaiming = study.arm_config(spec, "dct", 2), study.arm_config(spec, "kaiming", 7)
+def test_member_configs_are_the_recipes(tmp_path):
+    from detjax import recipes
+
+    spec = StudySpec(task="medmnist:breastmnist", arms=("dct", "kaiming"), seeds=(2,), epochs=3, options={"width": 16})
+    dct, kaiming = study.member_config(spec, "dct", 2), study.member_config(spec, "kaiming", 7)
     assert (dct.arch, dct.init, dct.optimizer, dct.loss, dct.augment, dct.order) == (
         "resnet18", "dct", "sgd", "ce", True, "seeded")
     assert kaiming.init == "he_normal" and kaiming.seed == 7
     assert dict(dct.model) == {"in_channels": 1, "width": 16} and dct.data["flag"] == "breastmnist"
-    cinc = study.arm_config(StudySpec(task="cinc2017", arms=("mixed",), seeds=(2,), epochs=4), "mixed", 2)
+    assert dct == recipes.medmnist(flag="breastmnist", init="dct", seed=2, epochs=3, order="seeded", width=16)
+    cinc = study.member_config(StudySpec(task="cinc2017", arms=("mixed",), seeds=(2,), epochs=4,
+                                         options={"data_dir": str(tmp_path)}), "mixed", 2)
     assert (cinc.arch, dict(cinc.model), cinc.loss, cinc.optimizer) == ("conformer", {"in_leads": 1}, "ce", "adam")
-    ptbxl = study.arm_config(StudySpec(task="ptbxl", arms=("dct",), seeds=(2,), epochs=4), "dct", 2)
-    assert (ptbxl.loss, ptbxl.eval_every, dict(ptbxl.model)) == ("weighted_bce", 10, {"in_leads": 12})
+    assert cinc.hash() == recipes.cinc2017(data_dir=tmp_path, init="mixed", seed=2, epochs=4, order="seeded").hash()
+    # limb leads: a 6-lead model for 6-lead data (a study once built a 4-lead one from len("limb"))
+    ptbxl = study.member_config(StudySpec(task="ptbxl", arms=("dct",), seeds=(2,), epochs=4,
+                                          options={"leads": "limb"}), "dct", 2)
+    assert (ptbxl.loss, ptbxl.eval_every, dict(ptbxl.model)) == ("weighted_bce", 10, {"in_leads": 6})
+    # the released seed keys are a recipe option too
+    released = StudySpec(task="ptbxl", arms=("dct",), seeds=(2,), epochs=4, options={"order": "seeded_as_released"})
+    assert study.member_config(released, "dct", 2).order == "seeded_as_released"
+
+
+def test_legacy_study_spec_files_load():
+    legacy = {"task": "synthetic", "arms": ["dct"], "seeds": [2], "epochs": 1, "data": {"n_train": 8},
+              "model": {}, "train": {"batch_size": 4}, "baseline": "dct"}
+    assert StudySpec.from_dict(legacy).options == {"n_train": 8, "batch_size": 4}
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(task="medmnist"), "name the set"),
-    (dict(task="imagenet"), "unknown study task"),
+    (dict(task="medmnist"), "flag|set"),
+    (dict(task="imagenet"), "unknown task"),
     (dict(task="cinc2017:x"), "no ':' suffix"),
+    (dict(options={"width": 3}), "takes no argument"),
 ])
 def test_bad_tasks_are_named(kwargs, message):
     with pytest.raises(StudyError, match=message):
-        study.arm_config(small_spec(**kwargs), "dct")
+        study.member_config(small_spec(**kwargs), "dct")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -199,7 +216,7 @@ def test_run_study_writes_members_report_and_figures(finished_study):
     for arm in ("dct", "kaiming"):
         for seed in (2, 3):
             result = json.loads((out / arm / f"seed-{seed}" / "result.json").read_text())
-            assert result["config_hash"] == study.arm_config(small_spec(), arm, seed).hash()
+            assert result["config_hash"] == study.member_config(small_spec(), arm, seed).hash()
             assert (out / arm / f"seed-{seed}" / "manifest.json").exists()
     written = json.loads((out / "study.json").read_text())
     assert written["arms"]["dct"]["n"] == 2 and written["spec"]["task"] == "synthetic"

@@ -50,7 +50,7 @@ def _available(arch: str) -> bool:
 ARCHS: tuple[str, ...] = tuple(a for a in _REGISTRY if _available(a))
 
 # ResNet18 is reachable as an attribute (lazily) but not star-exported: it may be absent.
-__all__ = ["ARCHS", "get_model", "count_params", "ECGConformer", "ECGBaselineCNN"]
+__all__ = ["ARCHS", "get_model", "inits_for", "count_params", "ECGConformer", "ECGBaselineCNN"]
 
 
 def get_model(arch: str, **kwargs: Any):
@@ -78,6 +78,20 @@ def get_model(arch: str, **kwargs: Any):
             raise ValueError(f"get_model({arch!r}): give init or init_mode, not both")
         kwargs["init_mode"] = kwargs.pop("init")
     return cls(**kwargs)
+
+
+def inits_for(arch: str) -> tuple[str, ...]:
+    """The initialisation names model ``arch`` accepts (see :data:`detjax.initializers.INITS`)."""
+    import detjax.initializers as di
+    from detjax.models import layers
+
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown model arch {arch!r}; available: {ARCHS}")
+    if arch == "resnet18":
+        return di.MIXED_INITS + tuple(di.BASES) + ("he_normal",)
+    if arch == "tiny":
+        return tuple(di.INITS)
+    return layers.ECG_INIT_MODES
 
 
 def _field_names(cls: type) -> set[str]:

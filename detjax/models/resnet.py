@@ -73,7 +73,7 @@ __all__ = [
     "param_count",
 ]  # fmt: skip
 
-INITS = di.MIXED_INITS + tuple(di.BASES) + ("he_normal",)
+INITS = di.MIXED_INITS + tuple(di.BASES) + ("he_normal",)  # models.inits_for("resnet18")
 STEM_WIDTH = 64
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_DEPTHS = (2, 2, 2, 2)

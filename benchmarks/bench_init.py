@@ -1,7 +1,7 @@
-"""Time to build every structured kernel of the ECG Conformer (METHOD.md §6).
+"""Time to build every structured kernel of the ECG Conformer (docs/method.md §7).
 
 Builds all 119 weight kernels of the 1,827,634-parameter ECG Conformer (shapes enumerated
-from METHOD.md §6, Flax layouts, with their explicit stages and fixup scales) with each
+from docs/method.md §7, Flax layouts, with their explicit stages and fixup scales) with each
 structured basis and with "mixed", and compares against jax's own
 ``jax.nn.initializers.orthogonal()`` on the same shapes (jitted per shape, block_until_ready).
 

@@ -1,4 +1,4 @@
-"""Structured orthogonal initialisers (METHOD.md §2–3), as pure numpy math and Flax initialisers.
+"""Structured orthogonal initialisers (docs/method.md §2–§3), as pure numpy math and Flax initialisers.
 
 Four n×n bases (row ``i``, column ``j``, 0-based), each in a ``reference`` form that
 reproduces the published matrices and an exactly ``orthonormal`` form:
@@ -276,7 +276,7 @@ def clear_basis_cache() -> None:
 def basis(name: str, n: int, variant: str = "reference") -> np.ndarray:
     """The ``n×n`` float64 basis ``name`` (one of :data:`BASES`) in the given variant.
 
-    ``variant="reference"`` (default) reproduces the published matrices (METHOD.md §2);
+    ``variant="reference"`` (default) reproduces the published matrices (docs/method.md §2);
     ``variant="orthonormal"`` is exactly orthonormal for every n. Results are memoised by
     ``(name, n, variant)`` and returned READ-ONLY; use ``.copy()`` to get a writable array.
     """
@@ -463,7 +463,7 @@ class Structured:
 
     The key is ignored. The rule follows ``len(shape)``: 2 → dense ``(in, out)``, 3 → 1-D conv
     ``(k, in, out)``, 4 → separable 2-D conv ``(kh, kw, in, out)``. ``per_filter=None`` picks
-    the METHOD default (global rescaling for dense/1-D, per filter for 2-D); ``True`` gives the
+    the method's default (global rescaling for dense/1-D, per filter for 2-D); ``True`` gives the
     per-row/per-filter rescaling for dense and 1-D too (ResNet head); ``False`` on a 4-D shape
     is an error. ``stage`` is only recorded (see :func:`describe`).
     """

@@ -1,6 +1,6 @@
 """Evaluation metrics (built on scikit-learn).
 
-Macro ROC-AUC follows the protocol of METHOD.md §7: the mean of per-class ROC-AUCs over
+Macro ROC-AUC follows the protocol of docs/method.md §8: the mean of per-class ROC-AUCs over
 the classes that have both positives and negatives in ``y_true``; the others are reported
 as ``None`` and left out of the mean.
 """

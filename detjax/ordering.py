@@ -1,4 +1,4 @@
-"""Golden-ratio batch order with exact integer keys (METHOD.md §4).
+"""Golden-ratio batch order with exact integer keys (docs/method.md §5).
 
 The golden order gives every training sample a key in ``[0, 1)``, adds ``e * g`` at epoch
 ``e`` (modulo 1) and sorts. With ``g = (sqrt(5) - 1) / 2``:
@@ -30,7 +30,7 @@ the result is always a permutation of ``0..n-1``.
 and keeps the relative order inside both parts (tie groups move as a whole and keep their
 index order), so with ``r = #{i : K_i < 2^64 - C_e}`` the epoch-``e`` order is the epoch-0
 order rotated left by ``r``: ``order_e = roll(order_0, -r)``. Every epoch is a rotation of
-one fixed order, as METHOD.md §4 states. :func:`golden_schedule` / :func:`scheduled_order`
+one fixed order, as docs/method.md §5 states. :func:`golden_schedule` / :func:`scheduled_order`
 use it: sort once, then each epoch costs one ``O(n)`` count and a roll instead of a sort.
 
 **Difference from the original.** The reference code sorts float32 keys with an unstable
@@ -39,7 +39,7 @@ a few thousand samples (birthday bound on ~2^24 values) and golden index keys by
 order of colliding (and of truly equal) keys is whatever the sort implementation leaves. Here
 keys are exact 64-bit integers, the sort is stable and ties are broken by index, so the order
 is a pure function of the data and the epoch. It coincides with the exact real-number order of
-the METHOD.md keys wherever those keys are more than a few ``(i + e) * 2^-64`` apart, which
+the method's keys wherever those keys are more than a few ``(i + e) * 2^-64`` apart, which
 for index keys holds at any realistic ``n`` (the smallest gap of the golden sequence at ``N``
 points is of order ``1/N``); it therefore differs from the original's float32 order only where
 float32 rounding made the original ambiguous or wrong.

@@ -1,4 +1,4 @@
-"""Figure: the DCT-II basis mapped onto a 64->64 Conv1d (k=5), METHOD.md §3.
+"""Figure: the DCT-II basis mapped onto a 64->64 Conv1d (k=5), docs/method.md §3.
 
 Writes docs/figures/dct_basis_64x64_conv.png (the paper's Figure 3a analogue):
 (a) the 64x64 DCT-II basis, (b) the mapped weight of Conv1d(64 -> 64, k=5) in PyTorch order

@@ -1,4 +1,4 @@
-"""Tests of detjax.initializers against independent constructions (METHOD.md §2-3)."""
+"""Tests of detjax.initializers against independent constructions (docs/method.md §2–§3)."""
 
 import hashlib
 import math

@@ -176,7 +176,7 @@ def _dct_matrix(n):
 
 
 def test_stem_equals_independent_separable_dct_construction(dct):
-    """METHOD §3, 2-D rule, built here with np.cos: channel vector [1] (1×1 DCT) ⊗ the 9
+    """docs/method.md §3, 2-D rule, built here with np.cos: channel vector [1] (1×1 DCT) ⊗ the 9
     outer products of 3-point DCT rows, repeated cyclically to 64, per-filter rescaled."""
     d3 = _dct_matrix(3)
     patterns = [np.outer(d3[a], d3[b]) for a in range(3) for b in range(3)]

@@ -58,7 +58,7 @@ def get_model(arch: str, **kwargs: Any):
 
     Example: ``model = get_model("conformer", init="dct", variant="orthonormal")``.
 
-    ``init=`` is accepted as the public name of the initialisation (as in METHOD and the
+    ``init=`` is accepted as the public name of the initialisation (as in the paper and the
     run configs) and passed as the model field ``init_mode``: a Flax field named ``init``
     would shadow ``Module.init``. Raises ``ValueError`` naming ``arch`` if it is unknown
     or its module is missing.

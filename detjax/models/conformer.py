@@ -97,7 +97,7 @@ NUM_TRANSFORMER_BLOCKS = 3
 NUM_HEADS = 4
 FFN_WIDTH = 320
 KERNEL = 5
-AUX_WEIGHT = 0.01  # weight of the bottleneck L2 term (METHOD §6)
+AUX_WEIGHT = 0.01  # weight of the bottleneck L2 term (docs/method.md §7)
 
 NUM_PARAMS = 1_827_634
 BOTTLENECK_BLOCK_PARAMS = 21_360
@@ -141,7 +141,7 @@ class FeedForward(nn.Module):
 class MultiHeadSelfAttention(nn.Module):
     r"""Pre-norm MHSA: :math:`\mathrm{proj}(\mathrm{softmax}(q k^\top/\sqrt{d})\,v)` per head.
 
-    ``qkv`` and ``proj`` are 1×1 convs (METHOD §3), plain softmax, no masking, no dropout.
+    ``qkv`` and ``proj`` are 1×1 convs (docs/method.md §3), plain softmax, no masking, no dropout.
     """
 
     num_heads: int = NUM_HEADS
@@ -212,7 +212,7 @@ class ECGConformer(nn.Module):
       init_mode: ``"mixed"`` (basis by stage, ``di.MIXED_SCHEDULE``), ``"mixed_as_released"``
         (all DCT, as the released code computes it), one basis name
         (``"dct"``, ``"hadamard"``, ``"hartley"``, ``"sinusoidal"``) or ``"kaiming"``
-        (PyTorch default init; needs a ``"params"`` rng). Called ``init`` in METHOD and
+        (PyTorch default init; needs a ``"params"`` rng). Called ``init`` in the paper and
         in :func:`detjax.models.get_model`; a Flax field named ``init`` would shadow
         ``Module.init``, hence the name.
       variant: ``"reference"`` (the original's matrices) or ``"orthonormal"``.

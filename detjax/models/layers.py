@@ -1,7 +1,7 @@
 """Deterministic building blocks shared by the ECG models.
 
 Every op here has a forward AND a backward pass that XLA lowers without atomics or
-``select_and_scatter`` (METHOD.md §5), so gradients are bit-reproducible on GPU:
+``select_and_scatter`` (docs/method.md §6), so gradients are bit-reproducible on GPU:
 
 * :func:`adaptive_avg_pool1d` is a matmul with a constant ``(out, in)`` averaging matrix
   (PyTorch's bins), so its gradient is the transposed matmul;
@@ -50,7 +50,7 @@ __all__ = [
     "ECG_INIT_MODES",
 ]
 
-# TF32 off (METHOD §5): every contraction is requested at full float32 precision,
+# TF32 off (docs/method.md §6): every contraction is requested at full float32 precision,
 # whatever the global ``jax_default_matmul_precision`` says.
 PRECISION = jax.lax.Precision.HIGHEST
 LN_EPSILON = 1e-5  # PyTorch LayerNorm default

@@ -1,4 +1,4 @@
-"""ResNet-18 for 28×28 MedMNIST images (METHOD.md §6) as a Flax module.
+"""ResNet-18 for 28×28 MedMNIST images (docs/method.md §7) as a Flax module.
 
 Input ``(B, H, W, in_channels)`` float32 channel-last (28×28 for MedMNIST; any size
 works, the pool is global), output logits ``(B, num_classes)``.
@@ -29,7 +29,7 @@ scale and a bias, the head has a bias:
 
     n_params = 11,167,104 + 576 · in_channels + 513 · num_classes
 
-so BreastMNIST (1 channel, 2 classes) has exactly 11,168,706 (METHOD.md §6), and the
+so BreastMNIST (1 channel, 2 classes) has exactly 11,168,706 (docs/method.md §7), and the
 CIFAR-style 3-channel, 10-class network the well-known 11,173,962.
 
 Initialisation (field ``init_mode``, ``init=`` in ``get_model("resnet18", ...)``):
@@ -43,7 +43,7 @@ Initialisation (field ``init_mode``, ``init=`` in ``get_model("resnet18", ...)``
   shortcut conv), the head ``B[:out, :in]`` with per-row rescaling
   (``di.dense_kernel_per_row``) and a zero bias. Deterministic: no rng is used.
 * ``"he_normal"`` (the seeded baseline, torchvision style): every conv ``N(0, 2/fan_in)``
-  (METHOD.md §3: fan_in, gain √2; torchvision itself uses fan_out), no fixup; the head
+  (docs/method.md §3: fan_in, gain √2; torchvision itself uses fan_out), no fixup; the head
   keeps PyTorch's ``nn.Linear`` default, as torchvision's ``resnet18`` does: kernel
   ``U(±1/sqrt(512))`` (``kaiming_uniform(a=√5)``) and bias ``U(±1/sqrt(512))``. Needs the
   ``"params"`` rng of ``model.init``.
@@ -80,7 +80,7 @@ STAGE_DEPTHS = (2, 2, 2, 2)
 STAGE_STRIDES = (1, 2, 2, 2)
 FIXUP_SCALE = di.FIXUP_SCALE
 
-NUM_PARAMS = 11_168_706  # BreastMNIST head: in_channels=1, num_classes=2 (METHOD.md §6)
+NUM_PARAMS = 11_168_706  # BreastMNIST head: in_channels=1, num_classes=2 (docs/method.md §7)
 
 
 def param_count(in_channels: int, num_classes: int) -> int:
@@ -152,18 +152,18 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for 28×28 MedMNIST (METHOD.md §6); see the module docstring.
+    """ResNet-18 for 28×28 MedMNIST (docs/method.md §7); see the module docstring.
 
     Attributes:
       num_classes: logits (2 for BreastMNIST; the label count for multi-label ChestMNIST).
       in_channels: input channels (1 grayscale, 3 RGB); checked against the input.
       init_mode: ``"dct"`` (default), ``"hadamard"``, ``"hartley"``, ``"sinusoidal"``,
-        ``"mixed"`` or ``"he_normal"`` (seeded baseline). Called ``init`` in METHOD and in
+        ``"mixed"`` or ``"he_normal"`` (seeded baseline). Called ``init`` in the paper and in
         :func:`detjax.models.get_model` (``get_model("resnet18", init="dct", ...)``); a Flax
         field named ``init`` would shadow ``Module.init``, hence the name.
       variant: ``"reference"`` (the original's matrices) or ``"orthonormal"``.
       width: stem and first-stage channels; stages use ``width·(1, 2, 4, 8)``. 64 is
-        METHOD's ResNet-18; smaller widths (e.g. 16, about 1/16 of the FLOPs) are for
+        the paper's ResNet-18; smaller widths (e.g. 16, about 1/16 of the FLOPs) are for
         reduced CPU studies and must be reported as such.
 
     ``__call__(x, train=False)``: in training BN uses batch statistics and updates the

@@ -13,16 +13,27 @@ base_ch=40, etf_init=True)``, ``BaselineCNN()``, ``ResNet18MedMNIST(2, 1)``): na
   little-endian, C order, PyTorch layout). The heads are not a target: the released ETF
   comes from an SVD whose orientation depends on the BLAS path; detjax's closed-form
   (Helmert) ETF is tested for the properties that define a simplex ETF instead.
-* ResNet-18 (2 classes, 1 channel) × 4 bases: the BatchNorm tensors, ``fc.bias`` and some
-  kernels match; the kernels in :data:`RESNET18_DIFFERENT` do not, and the set is pinned
-  so that a change either way shows. Those digests hash values that are exactly zero in
-  exact arithmetic as the float64 rounding noise (~1e-17) of one particular evaluation,
-  which float32 keeps: filters whose std is below 1e-10 (the DC filters) are left with
-  their centring residue instead of becoming zero, and entries where a basis value is
-  exactly 0 (e.g. cos(pi/2)) carry that evaluation's residue; ``conv2``'s fixup × 0.01 is
-  applied after rounding to float32 (two roundings), whereas the Conformer digests round
-  the fixed-up ``conv3`` once. detjax computes exact zeros there and rounds once.
-  (With those three effects the Hadamard digests are reproduced tensor for tensor.)
+* ResNet-18 (2 classes, 1 channel) × 4 bases: the BatchNorm tensors, ``fc.bias`` and the
+  other kernels match; the kernels in :data:`RESNET18_DIFFERENT` do not, and the set is
+  pinned so that a change either way shows: DCT all 17 3×3 kernels,
+  ``layer3.0.shortcut.0`` and ``fc``; Hadamard the 8 ``conv2``, ``layer2.1``/``layer3.0``/
+  ``layer4.1.conv1``, ``layer3.0.shortcut.0`` and ``fc``; Hartley the 16 block 3×3
+  kernels, the 3 shortcuts and ``fc``; sinusoidal all 17 3×3 kernels. Not the layout or
+  order: the digest generator evaluated the formulas with three conventions of its own:
+
+  1. a filter with std < 1e-10 (DC⊗DC, Hadamard's constant row ⊗ constant pattern,
+     ``fc``'s constant row) is centred with numpy's mean and left unscaled, so its float64
+     residue (0 or ~1e-17) survives in float32;
+  2. ``conv2``'s fixup is applied after rounding to float32, as a float32 product with
+     float32(0.01) (two roundings; the Conformer's ``conv3`` digests are rounded once);
+  3. basis entries that are exactly 0 (cos(pi/2), sin(pi)) come from libm ``np.cos``/
+     ``np.sin`` as ~1e-16.
+
+  detjax writes the exact zeros and rounds once on purpose: its bytes do not depend on the
+  platform (naive libm trigonometry differs in the last bit between CPUs). Reproduced
+  here: all 21 Hadamard kernels from detjax's own float64 Hadamard basis with 1 and 2
+  (detjax differs only by those exact zeros and by <= 1 ulp on ``conv2``), and the DCT and
+  sinusoidal stem ``conv1`` with 3 (and 1).
 
 Models are initialised eagerly (no jit: the structured kernels are numpy-built, and a
 short input keeps the forward pass cheap), once per config for the whole module.
@@ -33,6 +44,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -252,6 +264,125 @@ def test_initial_parameters_match_reference_digests(config):
         assert different == []
     compared = [n for n, _ in _layout(arch) if not _is_head_weight(n)]
     assert len(compared) == {"conformer": 340, "baseline": 56, "resnet18": 62}[arch]
+
+
+# ---------------------------------------------- ResNet-18: the differences, reproduced
+def _generator_rescale(w: np.ndarray, fan_in: int) -> np.ndarray:
+    """The digest generator's per-filter rescaling (convention 1), float64: each filter
+    centred with numpy's mean and scaled to population std ``1/sqrt(3 fan_in)``; a filter
+    with std < 1e-10 is NOT scaled and keeps its centring residue (0 or ~1e-17), where
+    :func:`detjax.initializers._rescale_per_filter` (``math.fsum``) writes exact zeros."""
+    flat = w.reshape(w.shape[0], -1)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    std = np.sqrt((centred * centred).mean(axis=1, keepdims=True))
+    dead = std[:, 0] < 1e-10
+    out = centred / np.where(dead[:, None], 1.0, std) * (1.0 / math.sqrt(3.0 * fan_in))
+    out[dead] = centred[dead]
+    return out.reshape(w.shape)
+
+
+def _generator_conv2d(basis, out_ch: int, in_ch: int, kh: int, kw: int) -> np.ndarray:
+    """Separable 2-D rule in PyTorch layout ``(out, in, kh, kw)`` from ``basis(n)`` (float64):
+    filter ``f`` (cyclic) = channel row ``f // (kh kw)`` ⊗ spatial pattern ``f % (kh kw)``."""
+    n_pat = kh * kw
+    f = np.arange(out_ch) % (min(in_ch, out_ch) * n_pat)
+    chan, pat = np.asarray(basis(in_ch))[f // n_pat], f % n_pat
+    spatial = np.asarray(basis(kh))[pat // kw][:, :, None] * np.asarray(basis(kw))[pat % kw][:, None, :]
+    return _generator_rescale(chan[:, :, None, None] * spatial[:, None, :, :], in_ch * kh * kw)
+
+
+def _generator_fixup(w64: np.ndarray) -> np.ndarray:
+    """Convention 2: round to float32, then a float32 multiply by float32(0.01) (PyTorch's
+    ``weight.data.mul_(0.01)`` on a float32 tensor): two roundings. detjax rounds once."""
+    return np.float32(w64) * np.float32(di.FIXUP_SCALE)
+
+
+def _generator_resnet18(basis) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every ResNet-18 kernel (convs, shortcuts, ``fc.weight``) as the digest generator
+    evaluates it: (float64 before the fixup, final float32), PyTorch layout."""
+    w64, w32 = {}, {}
+    for name, shape in _layout("resnet18"):
+        if name == "fc.weight":  # B[:out, :in] of the max(out, in) basis, per-row rescaling
+            out_f, in_f = shape
+            w64[name] = _generator_rescale(np.asarray(basis(max(shape)))[:out_f, :in_f], in_f)
+        elif len(shape) == 4:
+            w64[name] = _generator_conv2d(basis, *shape)
+        else:
+            continue
+        w32[name] = _generator_fixup(w64[name]) if name in _RESNET18_CONV2 else np.float32(w64[name])
+    return w64, w32
+
+
+def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance in float32 units in the last place (same-sign values)."""
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+def test_resnet18_hadamard_digests_follow_from_detjax_values_under_the_generators_conventions():
+    """All 21 ResNet-18 Hadamard kernels, rebuilt from detjax's own float64 Hadamard basis
+    with the generator's conventions 1 (DC-filter centring residue kept) and 2 (fixup after
+    rounding to float32), have the reference digests; so the pinned differences are those
+    two conventions and nothing else (Hadamard entries are +-1/sqrt(n): no trigonometry)."""
+    digests = dict(zip([n for n, _ in _layout("resnet18")], _reference()["configs"]["resnet18_hadamard"]["sha256"]))
+    w64, rebuilt = _generator_resnet18(lambda n: di.basis("hadamard", n, "reference"))
+    kernels = [n for n, shape in _layout("resnet18") if len(shape) == 4 or n == "fc.weight"]
+    assert list(rebuilt) == kernels and len(kernels) == 21
+    assert [n for n in kernels if _sha256(rebuilt[n]) != digests[n]] == []
+    # convention 2 exactly: neither one rounding nor a float64 product of the float32 value
+    for other_fixup in (lambda w: np.float32(w * di.FIXUP_SCALE),
+                        lambda w: np.float32(np.float64(np.float32(w)) * di.FIXUP_SCALE)):
+        assert any(_sha256(other_fixup(w64[n])) != digests[n] for n in _RESNET18_CONV2)
+    # detjax differs from the reconstruction only (a) where detjax has the exact 0 of a
+    # constant filter and the generator a residue below 1e-12, and (b) by 1 ulp at most
+    # on the fixup-scaled conv2 kernels (one rounding instead of two)
+    sd = to_torch_state_dict("resnet18", _variables("resnet18", "hadamard"), naming="reference")
+    different, residues = set(), set()
+    for name in kernels:
+        ours, ref = sd[name], rebuilt[name]
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype == np.float32, name
+        if ours.tobytes() == ref.tobytes():
+            continue
+        different.add(name)
+        residue = (ours == 0) & (np.abs(ref) < 1e-12)
+        if np.any(residue & (ref != 0)):
+            residues.add(name)
+        ulps = _ulps(ours, ref)[~residue]
+        assert ulps.max(initial=0) <= (1 if name in _RESNET18_CONV2 else 0), name
+    assert different == RESNET18_DIFFERENT["hadamard"]
+    # every non-conv2 difference is a kept residue (convention 1 alone)
+    assert different - _RESNET18_CONV2 <= residues
+    assert residues == {"layer2.0.conv2.weight", "layer2.1.conv1.weight", "layer2.1.conv2.weight",
+                        "layer3.0.conv1.weight", "layer3.0.shortcut.0.weight", "layer4.0.conv2.weight",
+                        "layer4.1.conv1.weight", "layer4.1.conv2.weight", "fc.weight"}
+
+
+def test_resnet18_stem_digests_follow_from_naive_trigonometry():
+    """Convention 3 on the stem ``conv1`` (64, 1, 3, 3) of the DCT and sinusoidal ResNets:
+    bases from numpy's ``np.cos``/``np.sin`` (cos(pi/2) ~ 6e-17, sin(pi) ~ 1.2e-16 instead
+    of 0) give the reference digests; the same bases with those entries set to the exact 0
+    do not. detjax's stem differs from the reconstruction only where it has the exact 0.
+    (The DCT reconstruction writes the DC coefficient 1/sqrt(n): with sqrt(1/n), which
+    differs in the last bit for n = 3, the digest is not reproduced.)"""
+
+    def naive_dct(n):
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        return np.where(i == 0, 1 / np.sqrt(n), np.sqrt(2 / n)) * np.cos(np.pi * i * (2 * j + 1) / (2 * n))
+
+    def naive_sinusoidal(n):
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        return np.sqrt(2 / n) * np.sin(np.pi * (i + 1) * (2 * j + 1) / (2 * n))
+
+    index = [n for n, _ in _layout("resnet18")].index("conv1.weight")
+    for name, naive in (("dct", naive_dct), ("sinusoidal", naive_sinusoidal)):
+        digest = _reference()["configs"][f"resnet18_{name}"]["sha256"][index]
+        rebuilt = np.float32(_generator_conv2d(naive, 64, 1, 3, 3))
+        assert _sha256(rebuilt) == digest, name
+        exact_zeros = lambda n: np.where(di.basis(name, n) == 0, 0.0, naive(n))  # noqa: E731
+        assert _sha256(np.float32(_generator_conv2d(exact_zeros, 64, 1, 3, 3))) != digest, name
+        ours = di.conv2d_kernel(name, 3, 3, 1, 64).transpose(3, 2, 0, 1)  # the model's stem, PyTorch layout
+        residue = (ours == 0) & (np.abs(rebuilt) < 1e-12)
+        assert np.any(residue & (rebuilt != 0)), name
+        assert ours[~residue].tobytes() == rebuilt[~residue].tobytes(), name
 
 
 # ------------------------------------------------------------------------ the ETF heads

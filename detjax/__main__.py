@@ -2,76 +2,245 @@
 
 * ``python -m detjax run CONFIG.json --out DIR``: train a config (a JSON file holding a
   ``TrainConfig`` dict, or a run's ``manifest.json``) under the deterministic configuration.
-* ``python -m detjax verify RUN_DIR``: re-run the config recorded in ``RUN_DIR`` in a fresh
-  process and report ``identical`` or the first differing leaf of the final state.
+  ``--resume`` continues ``DIR``; on a finished run it changes nothing and prints its result.
+* ``python -m detjax verify RUN_DIR``: first re-hashes what ``RUN_DIR`` stores (the final
+  checkpoint's state and best weights against their sidecar, ``manifest.json``,
+  ``result.json`` and ``events.jsonl``), then re-runs the recorded config in a fresh process
+  (its progress bar passes through) and compares the final state's SHA-256.
 * ``python -m detjax env``: print the environment fingerprint as JSON.
+
+Exit status of ``verify``: 0 identical; 1 the re-run differs (the first differing leaf is
+named); 2 nothing could be verified (bad arguments, not a run directory, an unfinished run,
+a multi-seed member, or the re-run failed); 3 the stored files are corrupt or disagree with
+each other (each mismatch is named; nothing is re-run). ``run`` and ``env`` exit 2 on bad
+input, always with one ``error:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+EXIT_IDENTICAL, EXIT_DIFFERENT, EXIT_ERROR, EXIT_CORRUPT = 0, 1, 2, 3
+
+
+def _read_config_file(path: Path) -> dict:
+    """The config dict of a JSON config file or a run's manifest.json (no JAX involved)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"config file {path} must hold a JSON object (a TrainConfig dict or a manifest)")
+    config = obj["config"] if "config" in obj and "config_hash" in obj else obj
+    if not isinstance(config, dict):
+        raise ValueError(f"config file {path}: the config must be a JSON object")
+    return config
+
 
 def _load_config_file(path: Path):
     from detjax.train import TrainConfig
 
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    obj = json.loads(path.read_text())
-    return TrainConfig.from_dict(obj["config"] if "config" in obj and "config_hash" in obj else obj)
+    return TrainConfig.from_dict(_read_config_file(path))
 
 
 def cmd_run(args) -> int:
-    from detjax.cli import configure_process
+    from detjax.cli import check_out_dir, check_resume_target, configure_process
 
+    # Everything that needs no JAX is checked before the process is configured.
+    check_out_dir(args.out)
+    check_resume_target(args.out, args.resume)
+    if args.allow_device_change and not args.resume:
+        raise ValueError("--allow-device-change only applies with --resume")
+    # TrainConfig and the run directory need JAX imported, not started: still before configure.
+    config = _load_config_file(Path(args.config))
+    from detjax.cli import check_run_dir
+
+    finished = check_run_dir(args.out, config.hash(), args.resume)
+    if finished is not None:
+        print(f"run {Path(args.out).absolute()} is already complete; nothing was changed")
+        print(json.dumps({**{k: finished[k] for k in ("final_sha256", "final_md5", "init_sha256", "run_dir")},
+                          "already_complete": True}))
+        return 0
     environment = configure_process(args.cpu_threads, args.devices)
     from detjax import tasks
-    from detjax.train import train_and_evaluate
+    from detjax.train import make_mesh, train_and_evaluate
 
-    config = _load_config_file(Path(args.config))
+    make_mesh(args.devices)
     data = tasks.load_task(config)
     result = train_and_evaluate(config, data, args.out, resume=args.resume, environment=environment,
-                                progress=not args.no_progress, devices=args.devices or 1,
+                                progress=not args.no_progress, devices=args.devices,
                                 allow_device_change=args.allow_device_change)
     print(json.dumps({k: result[k] for k in ("final_sha256", "final_md5", "init_sha256", "run_dir")}))
     return 0
 
 
-def _restore_final_state(run_dir: Path, config):
-    """The final TrainState (as a state dict) of a finished run directory."""
-    from detjax import tasks
-    from detjax.checkpoint import Checkpointer
+# ------------------------------------------------------------------------ verify
+
+
+class StoredFilesError(Exception):
+    """The stored files of a run are corrupt or disagree with each other."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _restore_targets(manifest: dict, config):
+    """A freshly built initial state and best record of ``config`` (restore targets), made from
+    the shapes the manifest records: no data is loaded."""
+    import numpy as np
+
     from detjax.models import get_model
     from detjax.train import _state_dict, create_train_state, initial_best, make_optimizer
-    import math
 
-    data = tasks.load_task(config)
-    model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
-                      variant=config.variant, **dict(config.model))
-    tx = make_optimizer(config, math.ceil(data.train_x.shape[0] / config.batch_size))
-    state = create_train_state(model, tx, data.train_x[:1], config.seed)
-    best = initial_best(state)
-    ckpt = Checkpointer(run_dir / "checkpoints", config_hash=config.hash(), allow_device_change=True)  # read-only use
-    restored = ckpt.restore(config.epochs, _state_dict(state), best)
-    ckpt.close()
-    return restored[0]
+    shapes = manifest["data_fingerprint"]["shapes"]
+    labels = manifest.get("metrics", {}).get("labels")
+    num_classes = len(labels) if labels else None
+    if num_classes is None:
+        raise StoredFilesError(["manifest.json: no labels in its metrics"])
+    model = get_model(config.arch, num_classes=num_classes, init_mode=config.init, variant=config.variant,
+                      **dict(config.model))
+    n_train = shapes["train_x"][0]
+    tx = make_optimizer(config, math.ceil(n_train / config.batch_size))
+    sample_x = np.zeros([1, *shapes["train_x"][1:]], np.float32)
+    state = create_train_state(model, tx, sample_x, config.seed)
+    return _state_dict(state), initial_best(state)
+
+
+def _restore_final(run_dir: Path, manifest: dict, config):
+    """``(state_dict, best, sidecar)`` of the final checkpoint of ``run_dir``, verified against
+    its sidecar; :class:`StoredFilesError` naming the checkpoint otherwise."""
+    from detjax.checkpoint import CheckpointError, Checkpointer
+
+    state_target, best_target = _restore_targets(manifest, config)
+    step = config.epochs
+    try:
+        with Checkpointer(run_dir / "checkpoints", config_hash=manifest["config_hash"], allow_device_change=True,
+                          read_only=True) as ckpt:
+            if step not in ckpt.steps:
+                raise StoredFilesError([f"the final checkpoint {run_dir / 'checkpoints' / str(step)} is missing "
+                                        f"(stored steps: {ckpt.steps})"])
+            return ckpt.restore(step, state_target, best_target)
+    except CheckpointError as exc:
+        raise StoredFilesError([str(exc)]) from None
+
+
+def check_stored_files(run_dir: Path, manifest: dict):
+    """Re-hashes what a finished run stores; returns ``(config, final state dict)``.
+
+    Checks, each failure naming its file: the config hashes to ``config_hash``; the final
+    checkpoint restores and its ``state`` and ``best`` hash to the sidecar's digests; the
+    state's digest is ``manifest.json``'s ``final_digests``; the best weights' digest and epoch
+    are ``result.json``'s; ``result.json`` equals the manifest's ``metrics``; ``events.jsonl``
+    (when present) records the same final digest. Raises :class:`StoredFilesError`.
+    """
+    from detjax import hashing, manifest as manifest_lib
+    from detjax.train import TrainConfig
+
+    problems: list[str] = []
+    manifest_path = run_dir / "manifest.json"
+    try:
+        config = TrainConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as exc:
+        raise StoredFilesError([f"{manifest_path}: its config is not a valid TrainConfig ({exc})"]) from None
+    if config.hash() != manifest.get("config_hash"):
+        raise StoredFilesError([f"{manifest_path}: the config hashes to {config.hash()}, not to the recorded "
+                                f"config_hash {manifest.get('config_hash')}"])
+    metrics = manifest.get("metrics") or {}
+    final_sha = (manifest.get("final_digests") or {}).get("sha256")
+
+    result_path = run_dir / "result.json"
+    try:
+        result = json.loads(result_path.read_text())
+    except FileNotFoundError:
+        problems.append(f"{result_path} is missing")
+        result = None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"{result_path} is not valid JSON ({exc})")
+        result = None
+    if result is not None and json.dumps(result, sort_keys=True) != json.dumps(metrics, sort_keys=True):
+        keys = sorted(k for k in set(result) | set(metrics) if result.get(k) != metrics.get(k))
+        problems.append(f"{result_path} disagrees with {manifest_path}'s metrics (keys {keys[:5]})")
+    if metrics.get("final_sha256") != final_sha:
+        problems.append(f"{manifest_path}: metrics.final_sha256 {metrics.get('final_sha256')} differs from "
+                        f"final_digests.sha256 {final_sha}")
+
+    events_path = run_dir / manifest_lib.EVENTS_FILE
+    if events_path.exists():
+        lines = events_path.read_bytes().splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                problems.append(f"{events_path}: line {number} is not valid JSON")
+                break
+        finished = [e for e in manifest_lib.read_events(run_dir) if e.get("event") == "finished"]
+        if finished and finished[-1].get("final_sha256") != final_sha:
+            problems.append(f"{events_path}: the finished event records final sha256 "
+                            f"{finished[-1].get('final_sha256')}, {manifest_path} {final_sha}")
+
+    state, best, sidecar = _restore_final(run_dir, manifest, config)
+    where = run_dir / "checkpoints" / str(config.epochs)
+    stored_sha = hashing.tree_sha256(state)
+    if stored_sha != final_sha:
+        problems.append(f"{where / 'state'} holds a final state with sha256 {stored_sha}, but {manifest_path} "
+                        f"records {final_sha}")
+    best_sha = hashing.tree_sha256({"params": best["params"], "batch_stats": best["batch_stats"]})
+    for source, record in (("result.json", result), ("manifest.json", metrics)):
+        if record is None:
+            continue
+        if record.get("best_params_sha256") != best_sha:
+            problems.append(f"{where / 'best'} holds best weights with sha256 {best_sha}, but {run_dir / source} "
+                            f"records {record.get('best_params_sha256')}")
+        elif record.get("best_epoch") != int(best["epoch"]):
+            problems.append(f"{where / 'best'} is from epoch {int(best['epoch'])}, but {run_dir / source} "
+                            f"records best_epoch {record.get('best_epoch')}")
+    if problems:
+        raise StoredFilesError(problems)
+    return config, state
+
+
+def _rerun_final_state(out: Path):
+    from detjax.manifest import read_manifest
+    from detjax.train import TrainConfig
+
+    manifest = read_manifest(out)
+    return _restore_final(out, manifest, TrainConfig.from_dict(manifest["config"]))[0]
 
 
 def cmd_verify(args) -> int:
+    from detjax.cli import UsageError, check_out_dir
     from detjax.manifest import read_manifest
 
     run_dir = Path(args.run_dir).absolute()
-    manifest = read_manifest(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a folder (give a run directory)")
+    if args.out:
+        check_out_dir(args.out)
+        out_path = Path(args.out).absolute()
+        if out_path.exists() and any(out_path.iterdir()):
+            raise UsageError(f"--out {out_path} is not empty; the re-run needs a new or empty folder")
+    if not (run_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"{run_dir / 'manifest.json'} does not exist: {run_dir} is not a detjax run "
+                                "directory")
+    try:
+        manifest = read_manifest(run_dir)
+    except ValueError as exc:
+        print(f"error: stored files corrupt: {exc}", file=sys.stderr)
+        return EXIT_CORRUPT
     if manifest.get("status") != "finished":
         print(f"error: {run_dir} holds an unfinished run (status {manifest.get('status')!r}); "
               "finish it with --resume before verifying", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     execution = manifest.get("execution") or {}
     if execution.get("mode") in ("vmap", "map", "unroll"):
         # A member of a multi-seed program may sum in another order than a solo run
@@ -80,8 +249,23 @@ def cmd_verify(args) -> int:
               "its bits are the group's, not necessarily a solo run's. Re-train the group with "
               "detjax.multiseed.train_seeds(config, data, seeds, mode=...) and compare the hashes, or train "
               "studies with --mode sequential, whose members verify as solo runs", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+
+    # 1. What is stored: the final state and best weights against sidecar, manifest and result.
+    print(f"checking the stored files of {run_dir} ...", flush=True)
+    try:
+        config, stored_state = check_stored_files(run_dir, manifest)
+    except StoredFilesError as exc:
+        for problem in exc.problems:
+            print(f"corrupt: {' '.join(problem.split())}", file=sys.stderr)
+        print(f"error: stored files corrupt: {len(exc.problems)} mismatch(es) in {run_dir} (listed above); "
+              "nothing was re-run", file=sys.stderr)
+        return EXIT_CORRUPT
     expected = manifest["final_digests"]["sha256"]
+    print(f"stored files intact: final checkpoint, best weights, manifest.json and result.json agree "
+          f"(final sha256 {expected[:16]}...)", flush=True)
+
+    # 2. What is reproducible: the recorded config re-run in a fresh process.
     recorded_threads = manifest["environment"].get("determinism", {}).get("cpu_threads")
     with tempfile.TemporaryDirectory(prefix="detjax-verify-") as tmp:
         config_path = Path(tmp) / "config.json"
@@ -92,25 +276,25 @@ def cmd_verify(args) -> int:
         recorded_devices = manifest.get("mesh", {}).get("devices", 1)
         if recorded_devices > 1:
             placement += ["--devices", str(recorded_devices)]
-        cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), "--no-progress",
-               *placement]
-        print(f"re-running {run_dir.name} (config {manifest['config_hash'][:12]}) in a fresh process ...",
-              flush=True)
+        cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), *placement]
+        if args.no_progress:
+            cmd.append("--no-progress")
+        print(f"re-running {run_dir.name} (config {manifest['config_hash'][:12]}, {config.epochs} epochs) in a "
+              "fresh process ...", flush=True)
+        # stderr (the progress bar, any error) passes through; stdout carries the result line.
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
         if proc.returncode != 0:
-            print("error: the re-run failed", file=sys.stderr)
-            return 2
+            print(f"error: the re-run failed (exit status {proc.returncode}; its message is above)", file=sys.stderr)
+            return EXIT_ERROR
         rerun = json.loads(proc.stdout.strip().splitlines()[-1])
         report = {"run_dir": str(run_dir), "expected_final_sha256": expected,
                   "rerun_final_sha256": rerun["final_sha256"],
-                  "identical": rerun["final_sha256"] == expected}
+                  "identical": rerun["final_sha256"] == expected,
+                  "stored_files": "intact"}
         if not report["identical"]:
             from detjax import hashing
-            from detjax.train import TrainConfig
 
-            config = TrainConfig.from_dict(manifest["config"])
-            report["first_difference"] = hashing.first_difference(
-                _restore_final_state(run_dir, config), _restore_final_state(out, config))
+            report["first_difference"] = hashing.first_difference(stored_state, _rerun_final_state(out))
         env_now = json.loads(subprocess.run([sys.executable, "-m", "detjax", "env", *placement],
                                             stdout=subprocess.PIPE, text=True).stdout)
         changed = sorted(k for k in set(env_now) | set(manifest["environment"])
@@ -119,12 +303,9 @@ def cmd_verify(args) -> int:
     print(json.dumps(report, indent=2))
     if report["identical"]:
         print("identical")
-    elif report["first_difference"] is None:
-        print("DIFFERENT: the re-run equals the stored final checkpoint, but not the digest recorded "
-              "in manifest.json (the manifest was edited or written by another detjax version)")
-    else:
-        print(f"DIFFERENT: first differing leaf {report['first_difference']}")
-    return 0 if report["identical"] else 1
+        return EXIT_IDENTICAL
+    print(f"DIFFERENT: first differing leaf {report['first_difference']}")
+    return EXIT_DIFFERENT
 
 
 def cmd_env(args) -> int:
@@ -134,7 +315,9 @@ def cmd_env(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from detjax.cli import DEFAULT_DEVICES, add_device_flags, positive_int
+
     parser = argparse.ArgumentParser(prog="python -m detjax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,25 +326,31 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", required=True, help="run directory to create (or resume)")
     run.add_argument("--resume", action="store_true", help="continue a run directory's last checkpoint")
     run.add_argument("--no-progress", action="store_true")
-    run.add_argument("--cpu-threads", type=int, default=None, help="pin the CPU backend to N threads")
-    from detjax.cli import add_device_flags
-
+    run.add_argument("--cpu-threads", type=positive_int, default=None, help="pin the CPU backend to N threads")
     add_device_flags(run)
     run.set_defaults(fn=cmd_run)
-    verify = sub.add_parser("verify", help="re-run a run directory's config and compare final hashes")
+    verify = sub.add_parser(
+        "verify", help="check a run's stored files, then re-run its config and compare final hashes",
+        description="Exit status: 0 identical, 1 the re-run differs, 2 nothing could be verified, "
+                    "3 the stored files are corrupt.")
     verify.add_argument("run_dir")
     verify.add_argument("--out", default=None, help="keep the re-run here (default: a temporary directory)")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar for the re-run")
     verify.set_defaults(fn=cmd_verify)
     env = sub.add_parser("env", help="print the environment fingerprint")
-    env.add_argument("--cpu-threads", type=int, default=None)
-    env.add_argument("--devices", type=int, default=None)
+    env.add_argument("--cpu-threads", type=positive_int, default=None)
+    env.add_argument("--devices", type=positive_int, default=DEFAULT_DEVICES)
     env.set_defaults(fn=cmd_env)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, FloatingPointError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -13,12 +13,28 @@ save leaves a temporary directory that orbax never restores from):
 
 :meth:`Checkpointer.restore_latest` reads the sidecar first, refuses a checkpoint written
 under another config hash or device count, restores the arrays into the structure of a
-freshly built state, hashes what it restored and refuses any mismatch.
+freshly built state, hashes what it restored and refuses any mismatch. When the newest
+checkpoint is refused as corrupt, the message names the newest earlier checkpoint that
+verifies and how to resume from it. Orbax's own error text (TensorStore specs spanning
+dozens of lines) is cut to its first line, and the orbax manager is closed on every path
+(explicitly, on errors, and at interpreter exit), so no background-thread noise follows.
+
+``DETJAX_TEST_KILL_AT`` is a test hook (:func:`kill_point`): ``checkpoint:N`` makes the
+process SIGKILL itself while checkpoint ``N`` is being written (all items written to
+orbax's temporary directory, not yet committed); :mod:`detjax.train` adds ``step:N`` and
+``final-record``.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
+import os
+import signal
+import sys
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +42,51 @@ import orbax.checkpoint as ocp
 
 from detjax import hashing
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointCorruptError"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointCorruptError",
+           "kill_point", "KILL_ENV"]
 
 SIDECAR_VERSION = 1
+KILL_ENV = "DETJAX_TEST_KILL_AT"
+
+
+def kill_point(name: str, n: int | None = None) -> None:
+    """Test hook: SIGKILL this process when ``$DETJAX_TEST_KILL_AT`` is ``name`` (or ``name:n``).
+
+    Used by the fault tests to stop a run at a named point exactly; unset, it does nothing.
+    """
+    wanted = os.environ.get(KILL_ENV)
+    if wanted and wanted == (name if n is None else f"{name}:{n}"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an orbax/TensorStore error (its full text embeds multi-line specs)."""
+    text = str(exc).split(" See full TensorStore details")[0].strip()
+    first = text.splitlines()[0].strip() if text else ""
+    if len(first) > 240:
+        first = first[:240] + " ..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _collect_quietly() -> None:
+    """Collects the coroutines a failed orbax read leaves un-awaited, without their warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gc.collect()
+
+
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_checkpointers() -> None:
+    for checkpointer in list(_OPEN):
+        try:
+            checkpointer.close()
+        except Exception:  # exiting anyway; the error, if any, was reported where it happened
+            pass
 
 
 class CheckpointError(ValueError):
@@ -53,17 +111,31 @@ class Checkpointer:
       device_count: devices the run trains on; a checkpoint from another count is refused
         unless ``allow_device_change`` is set (the reduction order, and so the bits, differ).
       max_to_keep: how many recent checkpoints orbax keeps.
+      read_only: only read (``verify``): the folder must exist and nothing is created.
     """
 
     def __init__(self, directory: str | Path, *, config_hash: str, device_count: int = 1,
-                 max_to_keep: int = 2, allow_device_change: bool = False):
+                 max_to_keep: int = 2, allow_device_change: bool = False, read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.config_hash = config_hash
         self.device_count = int(device_count)
         self.allow_device_change = allow_device_change
+        if read_only and not self.directory.is_dir():
+            raise CheckpointCorruptError(f"checkpoint folder {self.directory} does not exist")
+        # read_only: nothing is created and nothing deleted (orbax's own read_only option
+        # logs warnings on every open, so it is expressed through these two options).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
+            max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=False,
+            create=not read_only)
+        self._closed = False
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        _OPEN.add(self)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def steps(self) -> list[int]:
@@ -83,20 +155,44 @@ class Checkpointer:
             "best_sha256": hashing.tree_sha256(best),
             **extra,
         }
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            best=ocp.args.StandardSave(best),
-            detjax=ocp.args.JsonSave(sidecar)), force=True)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
+                                  detjax=ocp.args.JsonSave(sidecar))
+        if os.environ.get(KILL_ENV) == f"checkpoint:{int(step)}":
+            self._save_then_die(int(step), args)
+        self._manager.save(int(step), args=args, force=True)
         self._manager.wait_until_finished()
         return sidecar
+
+    def _save_then_die(self, step: int, args) -> None:
+        """Test hook: write checkpoint ``step`` into orbax's temporary directory, then SIGKILL
+        before orbax commits it (renames it to its final name)."""
+        from orbax.checkpoint._src.path import atomicity
+
+        original = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize(path_self, *a, **kw):
+            final = Path(str(path_self.get_final()))
+            if final.name == str(step) and final.parent == self.directory:
+                kill_point("checkpoint", step)
+            return await original(path_self, *a, **kw)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+        try:
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
+        finally:
+            atomicity.AtomicRenameTemporaryPath.finalize = original
+        kill_point("checkpoint", step)  # should not be reached: orbax committed without a rename
 
     def read_sidecar(self, step: int) -> dict[str, Any]:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(detjax=ocp.args.JsonRestore()))
             sidecar = restored["detjax"]
         except Exception as exc:  # orbax raises many types for unreadable directories
+            _collect_quietly()
             raise CheckpointCorruptError(
-                f"checkpoint {self.directory / str(step)} has no readable detjax sidecar: {exc}") from exc
+                f"checkpoint {self.directory / str(step)} has no readable detjax sidecar "
+                f"({self.directory / str(step) / 'detjax'}: {_short(exc)})") from None
         if not isinstance(sidecar, dict) or "state_sha256" not in sidecar:
             raise CheckpointCorruptError(f"checkpoint {self.directory / str(step)}: sidecar is malformed")
         return sidecar
@@ -127,26 +223,65 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(state_target),
                 best=ocp.args.StandardRestore(best_target)))
         except Exception as exc:
-            raise CheckpointCorruptError(f"checkpoint {where} could not be restored: {exc}") from exc
+            _collect_quietly()
+            raise CheckpointCorruptError(f"checkpoint {where} could not be restored ({_short(exc)})") from None
         for item, tree in (("state", restored["state"]), ("best", restored["best"])):
             try:
                 actual = hashing.tree_sha256(tree)
             except Exception as exc:
-                raise CheckpointCorruptError(f"checkpoint {where}: {item} cannot be hashed: {exc}") from exc
-            if actual != sidecar[f"{item}_sha256"]:
+                raise CheckpointCorruptError(f"checkpoint {where / item} cannot be hashed ({_short(exc)})") from None
+            if actual != sidecar.get(f"{item}_sha256"):
                 raise CheckpointCorruptError(
-                    f"checkpoint {where}: the restored {item} hashes to {actual}, but the sidecar "
-                    f"recorded {sidecar[f'{item}_sha256']}; the checkpoint is corrupt")
+                    f"checkpoint {where / item}: the restored arrays hash to {actual}, but the sidecar "
+                    f"{where / 'detjax'} recorded {sidecar.get(f'{item}_sha256')}; the checkpoint is corrupt")
         return restored["state"], restored["best"], sidecar
 
     def restore_latest(self, state_target: dict, best_target: dict) -> tuple[dict, dict, dict] | None:
-        """Restores the newest checkpoint, or returns ``None`` when there is none."""
+        """Restores the newest checkpoint, or returns ``None`` when there is none.
+
+        A refused checkpoint closes the manager and raises; a corrupt one's message names the
+        newest earlier checkpoint that verifies and how to resume from it.
+        """
         step = self.latest_step()
         if step is None:
             return None
-        return self.restore(step, state_target, best_target)
+        try:
+            return self.restore(step, state_target, best_target)
+        except CheckpointMismatchError:
+            self.close()
+            raise
+        except CheckpointCorruptError as exc:
+            message = f"{exc}. {self._way_forward(step, state_target, best_target)}"
+            self.close()
+            raise CheckpointCorruptError(message) from None
+
+    def newest_intact(self, before: int, state_target: dict, best_target: dict) -> int | None:
+        """The newest step below ``before`` whose checkpoint restores and verifies, or ``None``."""
+        for step in sorted((s for s in self.steps if s < before), reverse=True):
+            try:
+                self.restore(step, state_target, best_target)
+            except CheckpointError:
+                continue
+            return step
+        return None
+
+    def _way_forward(self, step: int, state_target: dict, best_target: dict) -> str:
+        corrupt = self.directory / str(step)
+        earlier = self.newest_intact(step, state_target, best_target)
+        if earlier is None:
+            return ("No earlier checkpoint is intact, so this run cannot be resumed; nothing was changed. "
+                    "Start it again in a new run directory (another --out)")
+        aside = self.directory.parent / f"corrupt-checkpoint-{step}"
+        return (f"The earlier checkpoint {self.directory / str(earlier)} (after epoch {earlier}) is intact; "
+                f"nothing was changed. To continue from it, move the corrupt one aside "
+                f"(mv {corrupt} {aside}) and resume again (--resume)")
 
     def close(self) -> None:
+        """Waits for pending writes and stops orbax's background threads (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN.discard(self)
         self._manager.close()
 
 

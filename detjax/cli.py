@@ -108,6 +108,19 @@ def check_out_dir(path: str | os.PathLike[str] | None, flag: str = "--out") -> N
         raise UsageError(f"{flag} {path} is not writable ({probe}: {exc.strerror or exc})") from None
 
 
+def check_resume_target(out: str | os.PathLike[str] | None, resume: bool) -> None:
+    """With ``resume``: :class:`UsageError` unless ``out`` is given and holds a run (a
+    ``manifest.json``), so a misspelt ``--out`` never starts a fresh run silently."""
+    if not resume:
+        return
+    if out is None:
+        raise UsageError("--resume needs --out, the run directory to continue")
+    path = Path(out).expanduser().absolute()
+    if not (path / "manifest.json").is_file():
+        what = "does not exist" if not path.exists() else "holds no detjax run (no manifest.json)"
+        raise UsageError(f"--resume: {path} {what}; check the path, or leave out --resume to start a new run there")
+
+
 def check_run_dir(out: str | os.PathLike[str] | None, config_hash: str, resume: bool) -> dict | None:
     """Checks the run directory before any data is loaded.
 
@@ -120,14 +133,10 @@ def check_run_dir(out: str | os.PathLike[str] | None, config_hash: str, resume: 
     from detjax import manifest as manifest_lib
     from detjax.train import _check_run_dir
 
-    if resume and out is None:
-        raise UsageError("--resume needs --out, the run directory to continue")
+    check_resume_target(out, resume)
     if out is None:
         return None
     out = Path(out).expanduser().absolute()
-    if resume and not (out / "manifest.json").is_file():
-        what = "does not exist" if not out.exists() else "holds no detjax run (no manifest.json)"
-        raise UsageError(f"--resume: {out} {what}; check the path, or leave out --resume to start a new run there")
     _check_run_dir(out, config_hash, resume)
     return manifest_lib.finished_result(out) if resume else None
 
@@ -161,13 +170,38 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
     parser.add_argument("--cpu-threads", type=positive_int, default=None,
                         help="pin the CPU backend to N threads (CPU bits depend on the thread count)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_print_config_flag(parser)
     add_device_flags(parser)
 
 
+#: One default for every entry point (experiments, ``python -m detjax run``, studies).
+DEFAULT_DEVICES = 1
+
+
+def add_print_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and its hash as JSON and exit without training")
+
+
+def print_config(configs, *, stream=sys.stdout) -> int:
+    """``--print-config``: ``{"config", "config_hash"}`` as JSON for one config, or a list of
+    those (each with the extra keys given, e.g. ``arm`` and ``seed``) for ``(config, extra)``
+    pairs. Returns the exit status 0."""
+    import json
+
+    if isinstance(configs, list):
+        out = [{**extra, "config": c.to_dict(), "config_hash": c.hash()} for c, extra in configs]
+    else:
+        out = {"config": configs.to_dict(), "config_hash": configs.hash()}
+    print(json.dumps(out, indent=2, sort_keys=True), file=stream)
+    return 0
+
+
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=positive_int, default=None,
-                        help="data-parallel device count (default: all visible). On CPU, N host "
-                             "devices are created for N > 1. The bits depend on N; the manifest records it")
+    parser.add_argument("--devices", type=positive_int, default=DEFAULT_DEVICES,
+                        help=f"data-parallel device count (default {DEFAULT_DEVICES} on every entry point: the "
+                             "bits depend on N, so a run does not change with the machine it lands on). On "
+                             "CPU, N host devices are created for N > 1; the manifest records N")
     parser.add_argument("--allow-device-change", action="store_true",
                         help="with --resume: continue a checkpoint written on another device count "
                              "(the result is then not bit-identical to either)")
@@ -186,8 +220,7 @@ def validate_common(args: argparse.Namespace) -> None:
     """The path checks of :func:`add_common_flags`' flags (the numbers are checked by argparse)."""
     check_data_dir(args.data_dir)
     check_out_dir(args.out if args.out is not None else "runs")  # the default run directory goes there
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out, the run directory to continue")
+    check_resume_target(args.out, args.resume)
     if args.allow_device_change and not args.resume:
         raise UsageError("--allow-device-change only applies with --resume")
 
@@ -212,7 +245,8 @@ def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs
     epochs = args.epochs
     if epochs is None:
         epochs = default_epochs
-        print(f"epochs: {epochs} by default ({epochs_note})", flush=True)
+        if not getattr(args, "print_config", False):  # --print-config prints JSON alone
+            print(f"epochs: {epochs} by default ({epochs_note})", flush=True)
     return args, epochs
 
 
@@ -246,6 +280,8 @@ def run_experiment(config, args, *, augment=None) -> int:
     from detjax import tasks
     from detjax.train import train_and_evaluate
 
+    if getattr(args, "print_config", False):
+        return print_config(config)
     try:
         finished = check_run_dir(args.out, config.hash(), args.resume)
         if finished is not None:

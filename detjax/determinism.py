@@ -22,7 +22,17 @@ It sets:
   jaxlib has no XLA flag for the intra-op thread count, so ``cpu_threads=N`` is realised by
   pinning to N cores; ``cpu_threads=1`` also sets ``--xla_cpu_multi_thread_eigen=false``.
 
-It returns :func:`environment_fingerprint`, a JSON-serialisable dict for every manifest.
+Fail closed on GPUs: when the backend turns out to be a GPU and neither
+``--xla_gpu_deterministic_ops`` nor ``--xla_gpu_exclude_nondeterministic_ops`` could be
+applied (an XLA that no longer knows them), :func:`configure` raises instead of running a
+silently non-deterministic program. With more than one GPU it sets ``NCCL_NVLS_ENABLE=0``
+(NVLink SHARP all-reduce is not deterministic on Hopper) unless already ``0``, before any
+collective has run, and records it.
+
+It returns :func:`environment_fingerprint`, a JSON-serialisable dict for every manifest: versions
+(including the CUDA plugin/PJRT wheels and nvidia-* libraries), backend, device (SM count,
+driver version, MIG state where obtainable; ``None`` on CPU), NCCL version and ``NCCL_*``
+settings, whether a persistent compilation cache is in use, flags and JAX settings.
 """
 
 from __future__ import annotations
@@ -42,7 +52,9 @@ from typing import NamedTuple
 
 __all__ = [
     "DETERMINISTIC_XLA_FLAGS",
+    "FAIL_CLOSED_GPU_FLAGS",
     "FlagProbe",
+    "NondeterministicGPUError",
     "JAX_SETTINGS",
     "SINGLE_THREAD_CPU_FLAGS",
     "backend_initialized",
@@ -58,6 +70,13 @@ DETERMINISTIC_XLA_FLAGS = (
     "--xla_gpu_autotune_level=0",
     "--xla_gpu_enable_scatter_determinism_expander=true",
 )
+#: On a GPU, at least one of these must be in effect or :func:`configure` refuses to proceed.
+FAIL_CLOSED_GPU_FLAGS = (
+    "--xla_gpu_deterministic_ops=true",
+    "--xla_gpu_exclude_nondeterministic_ops=true",
+)
+#: Platforms :func:`configure` treats as GPUs.
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 #: Extra flags for ``cpu_threads=1``: single-threaded Eigen contractions and convolutions.
 SINGLE_THREAD_CPU_FLAGS = ("--xla_cpu_multi_thread_eigen=false",)
 #: JAX configuration pinned by :func:`configure`.
@@ -70,12 +89,17 @@ JAX_SETTINGS = {
 _REPORTED_CONFIG = (*JAX_SETTINGS, "jax_platforms", "jax_numpy_dtype_promotion")
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
 _PLUGIN_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
+_GPU_LIB_PREFIXES = ("nvidia-", "nvidia_")
 _PROBE_CODE = "import jax; jax.devices()"
 _PROBE_TIMEOUT_S = 300
 
 # What the last successful configure() applied; reported by environment_fingerprint().
 # Process-global by nature, like XLA_FLAGS itself.
 _applied: dict | None = None
+
+
+class NondeterministicGPUError(RuntimeError):
+    """A GPU backend without any of :data:`FAIL_CLOSED_GPU_FLAGS` in effect."""
 
 
 class FlagProbe(NamedTuple):
@@ -351,6 +375,11 @@ def configure(
 
     for name, value in JAX_SETTINGS.items():
         jax.config.update(name, value)
+    platform_name, n_devices = _platform_and_count()  # starts the backend
+    if deterministic:
+        require_deterministic_gpu_flags(platform_name, _parse_flags(os.environ.get("XLA_FLAGS", "")),
+                                        skipped)
+    nccl = _pin_nccl(platform_name, n_devices)
     _applied = {
         "deterministic": bool(deterministic),
         "xla_flags_applied": applied,
@@ -359,8 +388,50 @@ def configure(
         "cpu_threads": cpu_threads,
         "cpu_cores": cores,
         "jax_settings": dict(JAX_SETTINGS),
+        "nccl_env_set": nccl,
     }
     return environment_fingerprint()
+
+
+def _platform_and_count() -> tuple[str, int]:
+    """The default backend's platform and global device count (starts the backend)."""
+    import jax
+
+    return jax.default_backend(), len(jax.devices())
+
+
+def require_deterministic_gpu_flags(platform_name: str, in_effect: Iterable[str],
+                                    skipped: Iterable[dict] = ()) -> None:
+    """Fail closed: raise :class:`NondeterministicGPUError` on a GPU platform when neither
+    ``--xla_gpu_deterministic_ops=true`` nor ``--xla_gpu_exclude_nondeterministic_ops=true``
+    is among the ``XLA_FLAGS`` entries ``in_effect``. Nothing is checked on other platforms."""
+    if platform_name not in GPU_PLATFORMS:
+        return
+    values = _flag_values(list(in_effect))
+    if any(values.get(_flag_name(f)) == "true" for f in FAIL_CLOSED_GPU_FLAGS):
+        return
+    reasons = "; ".join(f"{s['flag']}: {s['reason']}" for s in skipped
+                        if _flag_name(s["flag"]) in {_flag_name(f) for f in FAIL_CLOSED_GPU_FLAGS})
+    raise NondeterministicGPUError(
+        f"refusing to run on the {platform_name!r} backend without deterministic GPU kernels: "
+        f"neither {FAIL_CLOSED_GPU_FLAGS[0]} nor {FAIL_CLOSED_GPU_FLAGS[1]} is in effect"
+        + (f" ({reasons})" if reasons else "")
+        + ". This jaxlib's XLA does not accept them, so its scatters and reductions may use "
+          "atomics and results would not be bit-reproducible. Install a jaxlib whose XLA knows "
+          "one of these flags (see requirements-gpu.lock), or pass deterministic=False to run "
+          "knowingly without the guarantee.")
+
+
+def _pin_nccl(platform_name: str, n_devices: int) -> dict:
+    """With more than one GPU, ``NCCL_NVLS_ENABLE=0`` (set before any collective runs:
+    XLA creates NCCL communicators lazily, at the first collective). Returns what was set."""
+    if platform_name not in GPU_PLATFORMS or n_devices < 2:
+        return {}
+    previous = os.environ.get("NCCL_NVLS_ENABLE")
+    if previous == "0":
+        return {}
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    return {"NCCL_NVLS_ENABLE": {"value": "0", "previous": previous}}
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -413,9 +484,92 @@ def _backend_info() -> dict:
     capability = getattr(devices[0], "compute_capability", None)
     if capability is not None:
         info["compute_capability"] = str(capability)
-    if info["platform"] in ("gpu", "cuda"):
+    info["process_count"] = jax.process_count()
+    info["local_device_count"] = jax.local_device_count()
+    if info["platform"] in GPU_PLATFORMS:
         info["cuda"] = _cuda_versions()
+        info["gpu"] = _gpu_info(devices)
+        info["nccl"] = _nccl_info()
+    else:
+        info["gpu"] = None
+        info["nccl"] = None
     return info
+
+
+def _nvidia_smi(query: str) -> list[list[str]] | None:
+    try:
+        proc = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return [[c.strip() for c in line.split(",")] for line in proc.stdout.strip().splitlines() if line.strip()]
+
+
+def _gpu_info(devices) -> dict:
+    """SM count (``core_count``), driver version and MIG state of the GPUs, where obtainable."""
+    import jax
+
+    local = jax.local_devices()
+    info: dict = {
+        "sm_count": sorted({getattr(d, "core_count", None) for d in local}, key=str),
+        "driver_version": None,
+        "mig_mode": None,
+        "cuda_visible_devices_mig": "MIG-" in os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
+    rows = _nvidia_smi("driver_version,mig.mode.current,name,memory.total")
+    if rows:
+        info["driver_version"] = sorted({r[0] for r in rows})
+        info["mig_mode"] = sorted({r[1] for r in rows if len(r) > 1})
+        info["nvidia_smi_names"] = sorted({r[2] for r in rows if len(r) > 2})
+        info["memory_total_mib"] = sorted({r[3] for r in rows if len(r) > 3})
+    return info
+
+
+def _nccl_version() -> str | None:
+    """``ncclGetVersion`` of the NCCL library the process can load (the nvidia-nccl wheel's first)."""
+    import ctypes
+
+    candidates = []
+    try:
+        import nvidia.nccl  # type: ignore[import-not-found]  # the nvidia-nccl-cuXX wheel
+        for base in getattr(nvidia.nccl, "__path__", []):
+            candidates += sorted(str(p) for p in Path(base).glob("lib/libnccl.so*"))
+    except ImportError:
+        pass
+    candidates.append("libnccl.so.2")
+    for name in candidates:
+        try:
+            lib = ctypes.CDLL(name)
+            version = ctypes.c_int(0)
+            if lib.ncclGetVersion(ctypes.byref(version)) != 0:
+                continue
+        except (OSError, AttributeError):
+            continue
+        code = version.value
+        major, rest = (code // 10000, code % 10000) if code >= 10000 else (code // 1000, code % 1000)
+        return f"{major}.{rest // 100}.{rest % 100}"
+    return None
+
+
+def _nccl_info() -> dict:
+    return {"version": _nccl_version(),
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}}
+
+
+def _compile_cache_info() -> dict:
+    """Whether JAX's persistent compilation cache is on in this process (no path: it may name a user)."""
+    import jax
+
+    enabled = bool(getattr(jax.config, "jax_enable_compilation_cache", True))
+    directory = getattr(jax.config, "jax_compilation_cache_dir", None)
+    used = enabled and bool(directory)
+    return {"state": "enabled" if used else "disabled", "jax_enable_compilation_cache": enabled,
+            "cache_dir_set": bool(directory),
+            "env": sorted(k for k in os.environ
+                          if k in ("JAX_ENABLE_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")
+                          or k.startswith("JAX_PERSISTENT_CACHE_"))}
 
 
 def environment_fingerprint() -> dict:
@@ -434,6 +588,7 @@ def environment_fingerprint() -> dict:
             "implementation": platform.python_implementation(),
         },
         "packages": {name: _version(name) for name in _PACKAGES},
+        "gpu_packages": _gpu_packages(),
         "os": {"system": platform.system(), "release": platform.release(),
                "machine": platform.machine()},
         "cpu": {"model": _cpu_model(), "count": os.cpu_count(), "allowed_cores": cores},
@@ -441,8 +596,19 @@ def environment_fingerprint() -> dict:
         "xla_flags": _parse_flags(os.environ.get("XLA_FLAGS", "")),
         "jax_config": {name: _jsonable(getattr(jax.config, name, None))
                        for name in _REPORTED_CONFIG},
+        "compile_cache": _compile_cache_info(),
         "determinism": json.loads(json.dumps(_applied)) if _applied is not None else None,
     }
+
+
+def _gpu_packages() -> dict[str, str]:
+    """Installed CUDA/ROCm plugin and PJRT wheels and nvidia-* libraries (name -> version)."""
+    out = {}
+    for d in importlib.metadata.distributions():
+        name = (d.metadata["Name"] or "").lower()
+        if name.startswith(_PLUGIN_PREFIXES + _GPU_LIB_PREFIXES):
+            out[name.replace("_", "-")] = d.version
+    return dict(sorted(out.items()))
 
 
 def _jsonable(value):

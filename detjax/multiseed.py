@@ -326,8 +326,10 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
                             metrics={key: v for key, v in result.items() if key != "history"},
                             wall_time_s=wall / k, execution=execution)
         member_dirs[j].mkdir(parents=True, exist_ok=True)
-        manifest_lib.write_json_atomic(member_dirs[j] / "result.json", result)
-        manifest_lib.write_json_atomic(member_dirs[j] / "manifest.json", run_manifest)
+        manifest_lib.replace_record(member_dirs[j] / "result.json", result)  # keeps what it replaces
+        manifest_lib.replace_record(member_dirs[j] / "manifest.json", run_manifest)
+        manifest_lib.append_event(member_dirs[j], "finished", final_sha256=final_digests["sha256"],
+                                  wall_time_s=wall / k, execution=execution)
         results.append(result)
     return results
 

@@ -263,6 +263,7 @@ def collect(out: str | Path, spec: StudySpec) -> dict[str, list[dict[str, Any]]]
                 "per_class_auc": result.get("per_class_auc") or {},
                 "best_epoch": result.get("best_epoch"),
                 "best_val_score": result.get("best_val_score"),
+                "floor_test_score": (result.get("floor") or {}).get("test_score"),
                 "init_weights_sha256": result.get("init_weights_sha256"),
                 "init_sha256": result.get("init_sha256"),
                 "final_sha256": result.get("final_sha256"),
@@ -347,8 +348,12 @@ def analyse(records: Mapping[str, Sequence[dict]], spec: StudySpec) -> dict[str,
                if all("challenge_f1" in r for r in list(recs) + list(base)) else {}),
         }
     friedman = _friedman(ok) if len(ok) >= 3 else None
+    # The classical floor (detjax.floor) is trained on the members' common split: one value per study.
+    floors = sorted({r["floor_test_score"] for recs in ok.values() for r in recs
+                     if isinstance(r.get("floor_test_score"), float)})
     return _finite({"spec": spec.to_dict(), "tost_df": spec.tost_df, "labels": labels, "arms": arms,
-                    "comparisons": comparisons, "friedman": friedman})
+                    "comparisons": comparisons, "friedman": friedman,
+                    "floor_test_score": floors[0] if len(floors) == 1 else (floors or None)})
 
 
 # ------------------------------------------------------------------------- reports
@@ -384,8 +389,13 @@ def markdown_tables(summary: Mapping[str, Any]) -> str:
     lines = [f"# Seed study: {spec['task']}, {len(spec['seeds'])} seeds, {spec['epochs']} epochs", "",
              "test_score is the test macro AUC at the best-validation epoch. Distinct hashes: of the "
              "initial weights (parameters and BatchNorm statistics), of the whole initial state (also "
-             "PRNG key and optimiser state), and of the final state.", "",
-             "| arm | n | test_score mean ± sd | min – max | range |" + "".join(f" {m} mean ± sd |" for m in extra)
+             "PRNG key and optimiser state), and of the final state.", ""]
+    floor = summary.get("floor_test_score")
+    if floor is not None:
+        lines += [f"Classical floor on the same split (spectral + autocorrelation features, logistic regression; "
+                  f"docs/transfer.md): test_score {_fmt(floor) if not isinstance(floor, list) else floor}. "
+                  "An arm below it has not learned more than hand-made features give.", ""]
+    lines += ["| arm | n | test_score mean ± sd | min – max | range |" + "".join(f" {m} mean ± sd |" for m in extra)
              + " distinct init weights / init state / final hashes | failed |",
              "|---|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for arm, a in summary["arms"].items():

@@ -10,6 +10,13 @@ so a run can be re-created from its manifest alone (``python -m detjax verify``)
 * ``medmnist``: MedMNIST 2-D sets (:mod:`detjax.data.medmnist`).
 * ``cinc2017``: PhysioNet/CinC 2017 single-lead AF classification, 4 classes N/A/O/~
   (:mod:`detjax.data.cinc2017`); use ``arch="conformer", model={"in_leads": 1}, loss="ce"``.
+* ``af_transfer``: binary AF on one dataset's harmonised lead-I windows (CinC 2017 or
+  PTB-XL), evaluated after training on the other dataset's test records
+  (:mod:`detjax.transfer`); use ``model={"in_leads": 1}``, a BCE loss.
+
+``ptbxl`` and ``cinc2017`` accept ``fold_split`` (``{"train", "val", "test"}``
+fold lists, :mod:`detjax.cv`) for K-fold CV. Every task but ``synthetic`` adds a classical
+floor (:mod:`detjax.floor`) to ``result.json`` under ``"floor"``.
 """
 
 from __future__ import annotations
@@ -47,6 +54,18 @@ def make_synthetic_ecg(n: int, *, length: int = 1000, leads: int = 12, num_class
 
 def _multilabel_evaluator(labels) -> Callable[[np.ndarray, np.ndarray], dict]:
     return lambda y_true, scores: metrics.multilabel_auc_report(y_true, scores, labels)
+
+
+def _floor_hook(data_x, data_y, test_x, test_y, evaluate, *, kind: str, multilabel: bool, num_classes: int):
+    """``TaskData.post_evaluate`` adding ``{"floor": floor_report(...)}`` (train split -> test split)."""
+
+    def post_evaluate(predict, test_scores):
+        from detjax import floor
+
+        return {"floor": floor.floor_report(data_x, data_y, test_x, test_y, evaluate, kind=kind,
+                                            multilabel=multilabel, num_classes=num_classes)}
+
+    return post_evaluate
 
 
 def _synthetic(config: TrainConfig) -> TaskData:
@@ -87,13 +106,18 @@ def _ptbxl(config: TrainConfig) -> TaskData:
     info = {k: v for k, v in prepared.items()
             if k in ("lead_names", "sampling_rate", "cv_fold", "n", "counts", "norm", "fingerprint", "source")}
     info["limit"] = limit
+    if "fold_split" in opts:
+        info["folds"] = prepared["folds"]
+    evaluate = _multilabel_evaluator(labels)
     return TaskData(
         train_x=arrays["x_train"], train_y=arrays["y_train"],
         val_x=arrays["x_val"], val_y=arrays["y_val"],
         test_x=arrays["x_test"], test_y=arrays["y_test"],
-        labels=labels, evaluate=_multilabel_evaluator(labels),
+        labels=labels, evaluate=evaluate,
         order_keys=ordering.golden_content_keys(arrays["x_train"]),
-        info=info)
+        info=info,
+        post_evaluate=_floor_hook(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+                                  evaluate, kind="ecg", multilabel=True, num_classes=len(labels)))
 
 
 def _medmnist(config: TrainConfig) -> TaskData:
@@ -133,6 +157,8 @@ def _medmnist(config: TrainConfig) -> TaskData:
         test_x=arrays["x_test"], test_y=arrays["y_test"],
         labels=class_names, evaluate=evaluate, order_keys=None, augment=augment,
         seeded_augment=augment_lib.augment_batch,
+        post_evaluate=_floor_hook(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+                                  evaluate, kind="image", multilabel=multilabel, num_classes=len(class_names)),
         info={"source": "medmnist", "flag": ds.flag, "size": ds.size, "task": task, "path": str(ds.path),
               "md5": ds.md5, "n": {k[2:]: int(v.shape[0]) for k, v in arrays.items() if k.startswith("x_")},
               "limit": opts.get("limit")})
@@ -142,7 +168,7 @@ def _cinc2017(config: TrainConfig) -> TaskData:
     from detjax.data import cinc2017
 
     opts = dict(config.data)
-    known = {"data_dir", "window_seconds", "sampling_rate", "reference", "cv_fold", "folds", "limit"}
+    known = {"data_dir", "window_seconds", "sampling_rate", "reference", "cv_fold", "folds", "limit", "fold_split"}
     if set(opts) - known:
         raise ValueError(f"unknown cinc2017 data options {sorted(set(opts) - known)}; known: {sorted(known)}")
     if config.loss != "ce":
@@ -158,7 +184,51 @@ def _cinc2017(config: TrainConfig) -> TaskData:
         test_x=prepared["x_test"], test_y=prepared["y_test"],
         labels=tuple(prepared["labels"]), evaluate=cinc2017.evaluate,
         order_keys=ordering.golden_content_keys(prepared["x_train"]),
-        info=info)
+        info=info,
+        post_evaluate=_floor_hook(prepared["x_train"], prepared["y_train"], prepared["x_test"], prepared["y_test"],
+                                  cinc2017.evaluate, kind="ecg", multilabel=False,
+                                  num_classes=len(prepared["labels"])))
+
+
+def _af_transfer(config: TrainConfig) -> TaskData:
+    from detjax import transfer
+
+    opts = dict(config.data)
+    known = {"source", "target", "cinc_dir", "ptbxl_dir", "baseline", "cinc_noisy", "limit", "fold_split",
+             "cinc_folds"}
+    if set(opts) - known or not {"source", "target"} <= set(opts):
+        raise ValueError(f"af_transfer data options must include 'source' and 'target' and be among "
+                         f"{sorted(known)}, got {sorted(opts)}")
+    if config.loss not in ("weighted_bce", "bce"):
+        raise ValueError(f"af_transfer is a binary AF task with one sigmoid output: use loss='weighted_bce' "
+                         f"or 'bce', not {config.loss!r}")
+    p = transfer.prepare_transfer(**opts)
+    info = p["info"]
+
+    def post_evaluate(predict, test_scores):
+        from detjax import floor
+
+        report = transfer.transfer_report(source=info["source"], target=info["target"], target_y=p["target_y"],
+                                          target_scores=predict(p["target_x"])[:, 0], val_y=p["y_val"],
+                                          val_scores=predict(p["x_val"])[:, 0])
+        report["all_target_records"] = transfer.all_records_report(
+            p["target_all_y"], predict(p["target_all_x"])[:, 0], report["threshold"])
+        base = floor.floor_report(p["x_train"], p["y_train"], p["x_test"], p["y_test"], transfer.af_evaluate,
+                                  kind="ecg", multilabel=True, num_classes=1,
+                                  extra_eval={"target": p["target_x"], "val": p["x_val"], "all": p["target_all_x"]})
+        scores = base.pop("scores", None)
+        if scores is not None:
+            base["transfer"] = transfer.transfer_report(
+                source=info["source"], target=info["target"], target_y=p["target_y"],
+                target_scores=scores["target"][:, 0], val_y=p["y_val"], val_scores=scores["val"][:, 0])
+            base["transfer"]["all_target_records"] = transfer.all_records_report(
+                p["target_all_y"], scores["all"][:, 0], base["transfer"]["threshold"])
+        return {"transfer": report, "floor": base}
+
+    return TaskData(
+        train_x=p["x_train"], train_y=p["y_train"], val_x=p["x_val"], val_y=p["y_val"],
+        test_x=p["x_test"], test_y=p["y_test"], labels=("AF",), evaluate=transfer.af_evaluate,
+        order_keys=ordering.golden_content_keys(p["x_train"]), info=info, post_evaluate=post_evaluate)
 
 
 TASKS: dict[str, Callable[[TrainConfig], TaskData]] = {
@@ -166,6 +236,7 @@ TASKS: dict[str, Callable[[TrainConfig], TaskData]] = {
     "ptbxl": _ptbxl,
     "medmnist": _medmnist,
     "cinc2017": _cinc2017,
+    "af_transfer": _af_transfer,
 }
 
 

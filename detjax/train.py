@@ -103,6 +103,20 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """Task, arch and init must name things that exist (one list each: the task loaders,
+        the model registry and the initialisers each model accepts)."""
+        from detjax import models, tasks
+
+        if self.task not in tasks.TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known tasks: {sorted(tasks.TASKS)}")
+        if self.arch not in models.ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; known archs: {list(models.ARCHS)}")
+        if self.init not in models.inits_for(self.arch):
+            raise ValueError(f"arch {self.arch!r} takes init one of {list(models.inits_for(self.arch))}, "
+                             f"not {self.init!r}")
 
     @property
     def cosine_epochs(self) -> int:
@@ -168,6 +182,10 @@ class TaskData:
     augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
     info: dict = dataclasses.field(default_factory=dict)
     seeded_augment: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array] | None = None
+    #: ``post_evaluate(predict, test_scores) -> dict``, run once after the test evaluation with
+    #: ``predict(x) -> scores`` of the best-validation weights; its entries are added to
+    #: ``result.json`` (the classical floor, a transfer evaluation on another dataset, ...).
+    post_evaluate: Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], dict] | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """SHA-256/MD5 of the arrays actually used, plus their shapes."""
@@ -385,6 +403,28 @@ def mesh_description(mesh: Mesh | None) -> dict[str, Any]:
             "platform": devices[0].platform, "device_kind": devices[0].device_kind}
 
 
+def topology_description(mesh: Mesh | None) -> dict[str, Any]:
+    """Processes and devices of the run (``jax.distributed`` multi-process runs have several
+    processes). Recorded in the manifest and every checkpoint; a resume on another topology is
+    refused (the reduction order over processes and devices decides the bits)."""
+    devices = 1 if mesh is None else mesh.size
+    processes = jax.process_count()
+    return {"processes": processes, "devices": devices, "devices_per_process": devices // processes}
+
+
+def _check_topology(sidecar: Mapping[str, Any], current: Mapping[str, Any], allow: bool, where: Path) -> None:
+    recorded = sidecar.get("topology") or {"processes": 1, "devices": sidecar.get("device_count", 1),
+                                           "devices_per_process": sidecar.get("device_count", 1)}
+    if dict(recorded) != dict(current) and not allow:
+        from detjax.checkpoint import CheckpointMismatchError
+
+        raise CheckpointMismatchError(
+            f"checkpoint in {where} was written on {recorded['processes']} process(es) x "
+            f"{recorded['devices_per_process']} device(s) and this run uses {current['processes']} x "
+            f"{current['devices_per_process']}; the reduction order differs, so the result would not be "
+            "bit-identical. Pass allow_device_change=True (--allow-device-change) to resume anyway")
+
+
 def batch_is_split(batch: Mapping[str, Any], mesh: Mesh) -> bool:
     """Whether ``batch`` is split over the mesh: its size is divisible by the device count."""
     return next(iter(batch.values())).shape[0] % mesh.size == 0
@@ -505,11 +545,14 @@ def _check_run_dir(workdir: Path, config_hash: str, resume: bool) -> None:
             f"run directory {workdir} holds a run with config hash {previous.get('config_hash')}, "
             f"not {config_hash}; nothing was overwritten. Choose another --out")
     if not resume:
-        what = "a finished" if previous.get("status") == "finished" else "an unfinished"
+        if previous.get("status") == "finished":
+            raise RunDirectoryError(
+                f"run directory {workdir} already holds a finished run of this config; nothing was "
+                "overwritten. `python -m detjax verify` re-checks it, --resume prints its result; "
+                "or choose another --out")
         raise RunDirectoryError(
-            f"run directory {workdir} already holds {what} run of this config; nothing was "
-            "overwritten. Pass --resume to continue it, `python -m detjax verify` to re-check "
-            "it, or choose another --out")
+            f"run directory {workdir} already holds an unfinished run of this config; nothing was "
+            "overwritten. Pass --resume to continue it, or choose another --out")
 
 
 def task_augmentation(config: TrainConfig, data: TaskData) -> Callable:
@@ -589,6 +632,10 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         environment=environment, init_digests=init_digests, n_params=n_params,
         data_info=data.info)
     run_manifest["mesh"] = mesh_description(mesh)
+    run_manifest["topology"] = topology = topology_description(mesh)
+    # Several processes (jax.distributed): checkpoints hold host copies (replicated, the same on
+    # every process), which orbax can write from a multi-process run.
+    multi_process = topology["processes"] > 1
     run_manifest["init_weights_sha256"] = init_weights_sha256
     run_manifest["init_assignment"] = init_assignment(model, data.train_x[:1])
 
@@ -600,9 +647,13 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     state = init_state
     # Restore (and verify) BEFORE touching the manifest: a refused checkpoint leaves the
     # run directory exactly as it was.
-    restored = checkpointer.restore_latest(_state_dict(init_state), best) if resume else None
+    restored = (checkpointer.restore_latest(_host_copy(_state_dict(init_state)) if multi_process
+                                            else _state_dict(init_state),
+                                            _host_copy(best) if multi_process else best)
+                if resume else None)
     if restored is not None:
         state_dict, best, sidecar = restored
+        _check_topology(sidecar, topology, allow_device_change, workdir / "checkpoints")
         state = flax.serialization.from_state_dict(init_state, state_dict)
         history = list(sidecar.get("history", []))
         previous = workdir / "manifest.json"
@@ -662,7 +713,9 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         else:
             bar.set_postfix(loss=f"{epoch_loss:.4f}")
         history.append(record)
-        saved = checkpointer.save(epoch + 1, _state_dict(state), best, {"history": history})
+        saved = checkpointer.save(epoch + 1, _host_copy(_state_dict(state)) if multi_process else _state_dict(state),
+                                  _host_copy(best) if multi_process else best,
+                                  {"history": history, "topology": topology})
         manifest_lib.append_event(workdir, "checkpoint", step=epoch + 1, state_sha256=saved["state_sha256"],
                                   best_sha256=saved["best_sha256"])
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -678,6 +731,10 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         best_variables["batch_stats"] = best["batch_stats"]
     test_scores = predict(predict_batch, best_variables, data.test_x, config.eval_batch_size)
     test = data.evaluate(data.test_y, test_scores)
+    extra: dict[str, Any] = {}
+    if data.post_evaluate is not None:
+        extra = data.post_evaluate(
+            lambda x: predict(predict_batch, best_variables, np.asarray(x), config.eval_batch_size), test_scores)
     wall = time.perf_counter() - t_start
 
     result = {
@@ -698,6 +755,7 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
         "config_hash": config_hash,
         "wall_time_s": wall,
         "run_dir": str(workdir),
+        **extra,
     }
     run_manifest.update(status="finished", final_digests=final_digests, metrics=result,
                         history=history, wall_time_s=wall)

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detjax.cli import (add_common_flags, check_data_dir, default_out, parse_and_configure,  # noqa: E402
-                        positive_float, positive_int, run_experiment)
+                        positive_float, positive_int, print_config, run_experiment)
 
 DEFAULT_EPOCHS = 85
 DEFAULT_EPOCHS_NOTE = ("the PTB-XL protocol's length; the full training folds are ~6,800 records (54 batches "
@@ -50,53 +50,44 @@ def build_parser() -> argparse.ArgumentParser:
                              "scales only the bottleneck blocks' conv3, the default)")
     parser.add_argument("--cv-fold", type=int, choices=[0, 1, 2], default=0,
                         help="3-fold CV rotation: test folds 10, 9, 8 with validation folds 9, 8, 10")
+    parser.add_argument("--cv", type=positive_int, default=None, metavar="K",
+                        help="K-fold CV: the 10 folds grouped into K blocks (2 <= K <= 10), each the test set "
+                             "once; one run directory per split under --out plus cv.json (see docs/transfer.md)")
     parser.add_argument("--eval-every", type=positive_int, default=10, help="validate every N epochs (and at the last)")
     return parser
 
 
+def config_of(args: argparse.Namespace, epochs: int):
+    """The cinc2017 recipe with this command line's arguments (the data folder from --data-dir
+    or ``$DETJAX_CINC2017_DIR``, recorded absolute, so ``verify`` needs no environment)."""
+    from detjax import recipes
+
+    return recipes.cinc2017(data_dir=args.data_dir, init=args.init, arch=args.arch, seed=args.seed, epochs=epochs,
+                            order=args.order, variant=args.variant, window_seconds=args.window_seconds,
+                            sampling_rate=args.sampling_rate, reference=args.reference, cv_fold=args.cv_fold,
+                            limit=args.limit, batch_size=args.batch_size, eval_every=args.eval_every,
+                            transformer_fixup=args.transformer_fixup)
+
+
 def validate(args: argparse.Namespace) -> None:
-    """Checks that need more than argparse (before any data is loaded)."""
+    """The recipe's checks, the data folder and the window, before any data is loaded."""
     from detjax.data.cinc2017 import window_length
 
-    data = data_options(args)
-    check_data_dir(data["data_dir"], "--data-dir" if args.data_dir else f"${ENV_DATA_DIR}")
+    config = config_of(args, epochs=1)
+    check_data_dir(config.data["data_dir"], "--data-dir" if args.data_dir else f"${ENV_DATA_DIR}")
     window_length(args.window_seconds, args.sampling_rate)
-    if args.transformer_fixup and args.arch != "conformer":
-        raise ValueError(f"--transformer-fixup applies to the conformer only, not --arch {args.arch}")
-
-
-def data_options(args: argparse.Namespace, environ=None) -> dict:
-    """The task's ``config.data`` with ``data_dir`` made absolute (from --data-dir or the
-    environment), so the manifest names the folder and ``verify`` re-runs need no environment."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    data_dir = args.data_dir or environ.get(ENV_DATA_DIR)
-    if not data_dir:
-        raise ValueError(f"no CinC 2017 data folder: pass --data-dir DIR or set {ENV_DATA_DIR}=DIR "
-                         f"(get the data with `python -m detjax.data.cinc2017 download DEST`)")
-    return {"data_dir": str(Path(data_dir).expanduser().absolute()), "window_seconds": args.window_seconds,
-            "sampling_rate": args.sampling_rate, "reference": args.reference, "cv_fold": args.cv_fold,
-            "limit": args.limit}
 
 
 def main(argv: list[str] | None = None) -> int:
     args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
                                        epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    from detjax.train import TrainConfig
+    config = config_of(args, epochs)
+    if args.print_config:
+        return print_config(config)
+    if args.cv:
+        from detjax.cv import cv_main
 
-    try:
-        data = data_options(args)
-        if args.transformer_fixup and args.arch != "conformer":
-            raise ValueError(f"--transformer-fixup applies to the conformer only, not --arch {args.arch}")
-        model = {"in_leads": 1, **({"transformer_fixup": True} if args.transformer_fixup else {})}
-        config = TrainConfig(task="cinc2017", data=data, arch=args.arch, model=model, init=args.init,
-                             variant=args.variant, order=args.order, seed=args.seed, epochs=epochs,
-                             batch_size=args.batch_size, optimizer="adam", learning_rate=1e-3, loss="ce",
-                             eval_every=args.eval_every)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cv_main(config, args, headline="macro_auc", extra_metrics=("challenge_f1",))
     if args.out is None:  # fixed here so the challenge F1 can be read back from result.json
         args.out = str(default_out("cinc2017"))
     code = run_experiment(config, args)

@@ -22,7 +22,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from detjax.cli import add_common_flags, parse_and_configure, positive_int, run_experiment  # noqa: E402
+from detjax.cli import add_common_flags, error_exit, parse_and_configure, positive_int, run_experiment  # noqa: E402
 
 DEFAULT_EPOCHS = 5
 DEFAULT_EPOCHS_NOTE = ("chosen so vendored BreastMNIST trains in about 7 minutes on a 2-core CPU; the paper's "
@@ -51,34 +51,16 @@ def validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
                                        epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    from detjax.train import TrainConfig
+    from detjax import recipes
 
-    flag = args.flag.lower()
-    # ResNet-18's baseline is He-normal; "kaiming" on the command line means that here.
-    init = "he_normal" if args.init == "kaiming" else args.init
-    loss = "bce" if flag == "chestmnist" else "ce"
-    data = {"flag": flag, "data_dir": str(Path(args.data_dir).absolute()) if args.data_dir else None,
-            "size": args.size, "limit": args.limit}
     try:
-        config = TrainConfig(task="medmnist", data=data, arch="resnet18", model={"in_channels": _channels(flag)},
-                             init=init, variant=args.variant, order=args.order, seed=args.seed, epochs=epochs,
-                             batch_size=args.batch_size, optimizer="sgd", learning_rate=0.1, momentum=0.9,
-                             weight_decay=5e-4, loss=loss, eval_every=args.eval_every,
-                             augment=not args.no_augment)
+        config = recipes.medmnist(flag=args.flag, init=args.init, variant=args.variant, order=args.order,
+                                  seed=args.seed, epochs=epochs, data_dir=args.data_dir, size=args.size,
+                                  limit=args.limit, batch_size=args.batch_size, eval_every=args.eval_every,
+                                  augment=not args.no_augment)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error_exit(str(exc))
     return run_experiment(config, args)
-
-
-def _channels(flag: str) -> int:
-    from detjax.data.medmnist import dataset_info
-
-    try:
-        return dataset_info(flag).n_channels
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import add_common_flags, parse_and_configure, positive_int, run_experiment  # noqa: E402
+from detjax.cli import add_common_flags, parse_and_configure, positive_int, print_config, run_experiment  # noqa: E402
 
 # With the 500-record sample (~400 training records, 4 batches of 128) the Conformer takes
 # about DEFAULT_EPOCHS_NOTE on this project's 2-core CPU machine; see docs/RESULTS.md.
@@ -41,48 +41,41 @@ def build_parser() -> argparse.ArgumentParser:
                              "scales only the bottleneck blocks' conv3, the default)")
     parser.add_argument("--cv-fold", type=int, choices=[0, 1, 2], default=0,
                         help="3-fold CV rotation: test folds 10, 9, 8 with validation folds 9, 8, 10")
+    parser.add_argument("--cv", type=positive_int, default=None, metavar="K",
+                        help="K-fold CV: the 10 folds grouped into K blocks (2 <= K <= 10), each the test set "
+                             "once; one run directory per split under --out plus cv.json (see docs/transfer.md)")
     parser.add_argument("--eval-every", type=positive_int, default=10, help="validate every N epochs (and at the last)")
     return parser
 
 
+def config_of(args: argparse.Namespace, epochs: int):
+    """The ptbxl recipe with this command line's arguments."""
+    from detjax import recipes
+
+    return recipes.ptbxl(init=args.init, arch=args.arch, seed=args.seed, epochs=epochs, order=args.order,
+                         variant=args.variant, leads=args.leads, data_dir=args.data_dir, cv_fold=args.cv_fold,
+                         limit=args.limit, batch_size=args.batch_size, eval_every=args.eval_every,
+                         transformer_fixup=args.transformer_fixup)
+
+
 def validate(args: argparse.Namespace) -> None:
-    """Checks that need more than argparse (before any data is loaded)."""
-    from detjax.data.ptbxl import resolve_leads
-
-    resolve_leads(_leads(args))
-    if args.transformer_fixup and args.arch != "conformer":
-        raise ValueError(f"--transformer-fixup applies to the conformer only, not --arch {args.arch}")
-
-
-def _leads(args: argparse.Namespace):
-    return args.leads if args.leads in (None, "limb") else [s.strip() for s in args.leads.split(",")]
+    """The recipe's own checks (leads, arch and init names, fixup), before any data is loaded."""
+    config_of(args, epochs=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
                                        epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    from detjax.train import TrainConfig
-
+    config = config_of(args, epochs)
+    if args.print_config:
+        return print_config(config)
     if args.data_dir is None:
         print("data: the vendored 500-record PTB-XL sample (records 1-500, CC BY 4.0); its AUCs are "
               "NOT comparable to the paper's full-data numbers", flush=True)
-    leads = args.leads if args.leads in (None, "limb") else [s.strip() for s in args.leads.split(",")]
-    data = {"data_dir": str(Path(args.data_dir).absolute()) if args.data_dir else None,
-            "leads": leads, "cv_fold": args.cv_fold, "limit": args.limit}
-    try:
-        from detjax.data.ptbxl import resolve_leads
+    if args.cv:
+        from detjax.cv import cv_main
 
-        n_leads = len(resolve_leads(leads))
-        if args.transformer_fixup and args.arch != "conformer":
-            raise ValueError(f"--transformer-fixup applies to the conformer only, not --arch {args.arch}")
-        model = {"in_leads": n_leads, **({"transformer_fixup": True} if args.transformer_fixup else {})}
-        config = TrainConfig(task="ptbxl", data=data, arch=args.arch, model=model, init=args.init, variant=args.variant,
-                             order=args.order, seed=args.seed, epochs=epochs, batch_size=args.batch_size,
-                             optimizer="adam", learning_rate=1e-3, loss="weighted_bce",
-                             eval_every=args.eval_every)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cv_main(config, args, headline="macro_auc")
     return run_experiment(config, args)
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import (check_data_dir, check_out_dir, configure_process, default_out, error_exit,  # noqa: E402
-                        nonnegative_int, positive_float, positive_int)
+from detjax.cli import (add_print_config_flag, check_data_dir, check_out_dir, configure_process,  # noqa: E402
+                        default_out, error_exit, nonnegative_int, positive_float, positive_int, print_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "members of a study run the same programs, so only the first one compiles")
     parser.add_argument("--cpu-threads", type=positive_int, default=None, help="pin the CPU backend to N threads")
     parser.add_argument("--no-progress", action="store_true")
+    add_print_config_flag(parser)
     return parser
 
 
@@ -142,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             from detjax import study
 
             spec = spec_from_args(args)  # --seeds range and the spec's own checks (no data, no computation)
-            for arm in spec.arms:
-                study.member_config(spec, arm)  # unknown inits/tasks/options
+            members = [(study.member_config(spec, arm, seed), {"arm": arm, "seed": seed})
+                       for arm in spec.arms for seed in spec.seeds]  # unknown inits/tasks/options fail here
+            if args.print_config:
+                return print_config(members)
     except (ValueError, OSError) as exc:
         error_exit(str(exc))
     environment = configure_process(args.cpu_threads, None)

@@ -802,7 +802,7 @@ def test_single_lead_conformer_parameter_count():
     model = get_model("conformer", num_classes=4, in_leads=1, init="mixed")
     variables = jax.eval_shape(lambda key: model.init(key, jnp.zeros((2, 1000, 1), jnp.float32)),
                                jax.random.key(0))
-    # From METHOD §6's 1,827,634 (12 leads, 12 classes): the first conv loses 11*40*5 weights;
+    # From docs/method.md §7's 1,827,634 (12 leads, 12 classes): the first conv loses 11*40*5 weights;
     # the bottleneck Dense(320 -> K+2) and the K heads Dense(K+2 -> 1) shrink from K = 12 to 4.
     expected = 1_827_634 - 11 * 40 * 5 - (320 + 1) * (14 - 6) - (12 * 15 - 4 * 7)
     assert expected == 1_822_714
@@ -822,19 +822,22 @@ def _experiment_module():
     return module
 
 
-def test_experiment_data_options(tmp_path):
+def test_experiment_config_records_the_data_folder(tmp_path, monkeypatch):
     exp = _experiment_module()
     assert exp.ENV_DATA_DIR == C.ENV_DATA_DIR
     parser = exp.build_parser()
     args = parser.parse_args([])
+    monkeypatch.delenv("DETJAX_CINC2017_DIR", raising=False)
     with pytest.raises(ValueError, match=r"--data-dir DIR or set DETJAX_CINC2017_DIR"):
-        exp.data_options(args, environ={})
-    data = exp.data_options(args, environ={"DETJAX_CINC2017_DIR": "rel/dir"})
+        exp.config_of(args, 1)
+    monkeypatch.setenv("DETJAX_CINC2017_DIR", "rel/dir")
+    data = dict(exp.config_of(args, 1).data)
     assert data == {"data_dir": str(Path("rel/dir").absolute()), "window_seconds": 10.0, "sampling_rate": 100,
                     "reference": "REFERENCE-v3.csv", "cv_fold": 0, "limit": None}
     args = parser.parse_args(["--data-dir", str(tmp_path), "--window-seconds", "20", "--cv-fold", "2",
                               "--init", "hartley", "--limit", "5"])
-    data = exp.data_options(args, environ={"DETJAX_CINC2017_DIR": "ignored"})
+    monkeypatch.setenv("DETJAX_CINC2017_DIR", "ignored")
+    data = exp.config_of(args, 1).data
     assert (data["data_dir"], data["window_seconds"], data["cv_fold"], data["limit"]) == (str(tmp_path), 20.0, 2, 5)
     data_dir_help = next(a.help for a in parser._actions if "--data-dir" in a.option_strings)
     assert "DETJAX_CINC2017_DIR" in data_dir_help and "vendored" not in data_dir_help

@@ -135,4 +135,4 @@ def test_experiment_scripts_take_devices_flags():
         spec.loader.exec_module(module)
         args = module.build_parser().parse_args(["--devices", "4", "--allow-device-change"])
         assert args.devices == 4 and args.allow_device_change is True
-        assert module.build_parser().parse_args([]).devices is None  # default: all visible
+        assert module.build_parser().parse_args([]).devices == 1  # one default everywhere: 1 device

@@ -200,3 +200,88 @@ def test_probe_and_configure_reject_bad_arguments_before_touching_anything():
     ]:
         with pytest.raises(ValueError, match=pattern):
             determinism.configure(**kwargs)
+
+
+# ----------------------------------------------------------------------------- fail closed on GPUs
+def test_gpu_guard_refuses_without_either_deterministic_flag():
+    guard = determinism.require_deterministic_gpu_flags
+    for platform in ("gpu", "cuda", "rocm"):
+        with pytest.raises(determinism.NondeterministicGPUError, match="refusing to run"):
+            guard(platform, ["--xla_gpu_autotune_level=0"])
+        with pytest.raises(determinism.NondeterministicGPUError):
+            guard(platform, ["--xla_gpu_deterministic_ops=false"])  # present but off
+        guard(platform, ["--xla_gpu_deterministic_ops=true"])
+        guard(platform, ["--xla_gpu_exclude_nondeterministic_ops=true"])
+    guard("cpu", [])  # nothing is required off GPUs
+    guard("tpu", [])
+
+
+FAKE_GPU = """
+    import json, os
+    from detjax import determinism
+    real_probe = determinism.probe_xla_flags
+    REJECT = {reject!r}
+
+    def probe(flags, **kw):  # this jaxlib "does not know" the REJECT flags
+        out = real_probe([f for f in flags if f not in REJECT], **kw)
+        out.update({{f: determinism.FlagProbe(False, "unknown to XLA (faked)") for f in flags if f in REJECT}})
+        return out
+
+    determinism.probe_xla_flags = probe
+    determinism._platform_and_count = lambda: ("gpu", {devices})  # the real backend is the CPU
+    os.environ.pop("NCCL_NVLS_ENABLE", None)
+    try:
+        fp = determinism.configure(deterministic={deterministic})
+        print(json.dumps({{"raised": None, "nccl_set": fp["determinism"]["nccl_env_set"],
+                          "nvls": os.environ.get("NCCL_NVLS_ENABLE"), "skipped": fp["determinism"]["xla_flags_skipped"]}}))
+    except determinism.NondeterministicGPUError as err:
+        print(json.dumps({{"raised": str(err)}}))
+"""
+
+
+def test_configure_fails_closed_on_a_faked_gpu_without_the_flags(cache_dir):
+    both = list(determinism.FAIL_CLOSED_GPU_FLAGS)
+    out = run_python(FAKE_GPU.format(reject=both, devices=1, deterministic=True), cache_dir)
+    assert out["raised"] and "refusing to run on the 'gpu' backend" in out["raised"]
+    assert "unknown to XLA (faked)" in out["raised"]
+    # one of the two is enough
+    out = run_python(FAKE_GPU.format(reject=both[:1], devices=1, deterministic=True), cache_dir)
+    assert out["raised"] is None and [s["flag"] for s in out["skipped"]] == both[:1]
+    # a knowing negative control is not refused
+    out = run_python(FAKE_GPU.format(reject=both, devices=1, deterministic=False), cache_dir)
+    assert out["raised"] is None
+
+
+def test_several_gpus_disable_nccl_nvls_and_record_it(cache_dir):
+    out = run_python(FAKE_GPU.format(reject=[], devices=2, deterministic=True), cache_dir)
+    assert out["nvls"] == "0"
+    assert out["nccl_set"] == {"NCCL_NVLS_ENABLE": {"value": "0", "previous": None}}
+    out = run_python(FAKE_GPU.format(reject=[], devices=1, deterministic=True), cache_dir)
+    assert out["nvls"] is None and out["nccl_set"] == {}
+
+
+def test_fingerprint_records_gpu_nccl_and_compile_cache_fields(cache_dir):
+    code = """
+        import json
+        from detjax import determinism
+        print(json.dumps(determinism.configure()))
+        """
+    env_cache = dict(os.environ)
+    try:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir / "xla-cache")
+        os.environ.pop("JAX_ENABLE_COMPILATION_CACHE", None)
+        with_cache = run_python(code, cache_dir)
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        without = run_python(code, cache_dir)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_cache)
+    assert with_cache["compile_cache"]["state"] == "enabled"
+    assert str(cache_dir) not in json.dumps(with_cache["compile_cache"])  # no paths (may name a user)
+    assert without["compile_cache"]["state"] == "disabled"
+    backend = without["backend"]
+    assert backend["platform"] == "cpu" and backend["gpu"] is None and backend["nccl"] is None
+    assert backend["process_count"] == 1 and backend["local_device_count"] >= 1
+    assert isinstance(without["gpu_packages"], dict)
+    assert without["determinism"]["nccl_env_set"] == {}

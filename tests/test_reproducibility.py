@@ -101,7 +101,9 @@ def test_verify_reports_identical(reference_run):
     assert proc.stdout.strip().splitlines()[-1] == "identical"
 
 
-def test_verify_reports_the_first_differing_leaf(reference_run, tmp_path):
+def test_verify_refuses_a_manifest_that_disagrees_with_the_stored_state(reference_run, tmp_path):
+    # Stored files are checked before anything is re-run (exit 3); a re-run that differs
+    # exits 1 (tests/test_faults.py).
     out, _ = reference_run
     tampered = tmp_path / "tampered"
     import shutil
@@ -111,8 +113,9 @@ def test_verify_reports_the_first_differing_leaf(reference_run, tmp_path):
     manifest["final_digests"]["sha256"] = "0" * 64
     (tampered / "manifest.json").write_text(json.dumps(manifest))
     proc = _cli("verify", str(tampered), check=False)
-    assert proc.returncode == 1
-    assert "DIFFERENT" in proc.stdout
+    assert proc.returncode == 3
+    assert "stored files corrupt" in proc.stderr and "manifest.json" in proc.stderr
+    assert "re-running" not in proc.stdout
 
 
 def test_verify_refuses_a_non_run_directory(tmp_path):

@@ -220,6 +220,9 @@ def test_corrupted_checkpoint_is_refused(finished_run, tmp_path):
     shutil.copytree(workdir, broken)
     step_dir = max((p for p in (broken / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     _corrupt_data_files(step_dir)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["status"] = "running"  # as if killed after its last checkpoint (a finished run is never restored)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     manifest_before = (broken / "manifest.json").read_bytes()
     with pytest.raises(CheckpointCorruptError, match="checkpoint"):
         _run(small_config(), broken, resume=True)

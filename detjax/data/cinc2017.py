@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 
 from detjax.data import _download
-from detjax.data.ptbxl import _read_cache, _write_cache, default_cache_dir, fingerprint
+from detjax.data.ptbxl import _read_cache, _write_cache, check_cached_signals, default_cache_dir, fingerprint
 
 __all__ = [
     "CLASSES",
@@ -695,6 +695,7 @@ def load_cinc2017(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    fold_split: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Load, window, split and normalise the challenge training set for one CV rotation.
 
@@ -711,6 +712,8 @@ def load_cinc2017(
         smoke runs; the normalisation statistics then come from that smaller train split.
       cache_dir, use_cache: the ``.npz`` cache of the windows (see the module docstring).
       progress: a tqdm bar while reading records.
+      fold_split: ``{"train", "val", "test"}`` fold lists replacing the rotation's folds
+        (K-fold CV, see :mod:`detjax.cv`).
 
     Returns a dict: ``x_train (n, L, 1)`` float32 normalised, ``y_train (n,)`` int32 indices
     into :data:`CLASSES`, ``record_train (n,)`` str (and ``_val``, ``_test``); ``labels``,
@@ -721,7 +724,12 @@ def load_cinc2017(
     """
     rate = _positive_int(sampling_rate, "sampling_rate")
     length = window_length(window_seconds, rate)
-    split_of = split_folds(cv_fold)
+    if fold_split is None:
+        split_of = split_folds(cv_fold)
+    else:
+        from detjax.cv import check_split
+
+        split_of = check_split(fold_split, N_FOLDS)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
         raise ValueError(f"limit must be a positive number of records per split, got {limit!r}")
     root = resolve_data_dir(data_dir)
@@ -748,6 +756,9 @@ def load_cinc2017(
     cached = _read_cache(cache_path, key, _CACHE_ARRAYS, "CinC 2017") if use_cache else None
     if cached is not None:
         arrays, digest = cached
+        cached_names = [str(r) for r in arrays["record"]]
+        check_cached_signals(arrays["x"], shape=(len(selected), length), path=cache_path, what="CinC 2017",
+                             names=cached_names if len(cached_names) == len(selected) else selected_records)
     else:
         arrays = _read_windows(root, selected_records, sampling_rate=rate, length=length, progress=progress)
         digest = fingerprint(arrays)

@@ -479,6 +479,24 @@ def _read_cache(path: Path, key: str, names: Sequence[str] = _CACHE_ARRAYS,
         return None
 
 
+def check_cached_signals(x: np.ndarray, *, shape: tuple[int, ...], names: Sequence[str], path: Path,
+                         what: str = "PTB-XL") -> None:
+    """Checks signals loaded from a cache as strictly as freshly read records: the exact
+    shape, float32 and finite values. A ``ValueError`` names the first bad record and the
+    cache file (a checksummed cache can still hold what an older or patched loader wrote)."""
+    fix = "delete the file and it is rebuilt from the records"
+    if x.dtype != np.float32 or tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{what} cache file {path}: signals of shape {tuple(x.shape)} {x.dtype}, expected "
+                         f"{tuple(shape)} float32; {fix}")
+    for start in range(0, x.shape[0], 1024):  # in chunks: no full-size boolean copy
+        bad = ~np.isfinite(x[start:start + 1024].reshape(min(1024, x.shape[0] - start), -1))
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            i = start + int(rows[0])
+            raise ValueError(f"{what} cache file {path}: record {names[i]} holds {int(bad[rows[0]].sum())} "
+                             f"non-finite values (NaN or inf), which a fresh read refuses; {fix}")
+
+
 def _write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], digest: str,
                  what: str = "PTB-XL") -> bool:
     """Write atomically (temp file in the same folder, fsync, ``os.replace``); ``False`` on failure."""
@@ -486,6 +504,9 @@ def _write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], digest:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive os.replace
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, key=np.array(key), digest=np.array(digest), **arrays)
             handle.flush()
@@ -553,15 +574,17 @@ def load_ptbxl(
     cache_path = _cache_file(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
                              key, rate)
     cached = _read_cache(cache_path, key) if use_cache else None
+    n_samples = rate * RECORD_SECONDS
     if cached is not None:
         arrays, digest = cached
+        check_cached_signals(arrays["x"], shape=(len(records), n_samples, len(lead_names)),
+                             names=[f"ecg_id={int(i)}" for i in ecg_ids], path=cache_path)
     else:
         iterator = zip(records, ecg_ids)
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, total=len(records), desc="PTB-XL records", unit="rec")
-        n_samples = rate * RECORD_SECONDS
         x = np.empty((len(records), n_samples, len(lead_names)), dtype=np.float32)
         for i, (record, ecg_id) in enumerate(iterator):
             x[i] = read_record(record, ecg_id=int(ecg_id), sampling_rate=rate, leads=lead_names)
@@ -592,25 +615,32 @@ def load_ptbxl(
 # --------------------------------------------------------------------------- splits
 
 
-def split(data: PTBXL, *, cv_fold: int = 0) -> Splits:
+def split(data: PTBXL, *, cv_fold: int = 0, fold_split: Mapping[str, Sequence[int]] | None = None) -> Splits:
     """Fold split of METHOD.md §7 for CV rotation ``cv_fold`` (0, 1 or 2).
 
     ``(test, val) = CV_FOLDS[cv_fold]``; train = the other eight folds, only records with
     at least one rhythm label. Record order within each split is the database order.
+    ``fold_split`` (``{"train", "val", "test"}`` fold lists, see :mod:`detjax.cv`) replaces
+    the rotation's folds (K-fold CV); train keeps the rhythm-label restriction.
     """
     if cv_fold not in range(len(CV_FOLDS)):
         raise ValueError(f"cv_fold must be 0, 1 or 2, got {cv_fold!r}")
-    test_fold, val_fold = CV_FOLDS[cv_fold]
-    train_folds = tuple(f for f in range(1, 11) if f not in (test_fold, val_fold))
+    if fold_split is None:
+        test_fold, val_fold = CV_FOLDS[cv_fold]
+        train_folds = tuple(f for f in range(1, 11) if f not in (test_fold, val_fold))
+        folds = {"train": train_folds, "val": (val_fold,), "test": (test_fold,)}
+    else:
+        from detjax.cv import check_split
+
+        folds = check_split(fold_split)
     has_label = data.y.sum(axis=1) > 0
     masks = {
-        "train": np.isin(data.fold, train_folds) & has_label,
-        "val": data.fold == val_fold,
-        "test": data.fold == test_fold,
+        "train": np.isin(data.fold, folds["train"]) & has_label,
+        "val": np.isin(data.fold, folds["val"]),
+        "test": np.isin(data.fold, folds["test"]),
     }
     subsets = {name: Subset(x=data.x[m], y=data.y[m], ecg_id=data.ecg_id[m]) for name, m in masks.items()}
-    return Splits(**subsets, cv_fold=cv_fold,
-                  folds={"train": train_folds, "val": (val_fold,), "test": (test_fold,)})
+    return Splits(**subsets, cv_fold=cv_fold, folds=folds)
 
 
 def normalize(splits: Splits) -> tuple[Splits, dict[str, float]]:
@@ -659,6 +689,7 @@ def prepare_ptbxl(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    fold_split: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Load, split and normalise: everything an experiment needs, as one dict.
 
@@ -670,7 +701,7 @@ def prepare_ptbxl(
     """
     data = load_ptbxl(data_dir, sampling_rate=sampling_rate, leads=leads, cache_dir=cache_dir,
                       use_cache=use_cache, progress=progress)
-    splits, stats = normalize(split(data, cv_fold=cv_fold))
+    splits, stats = normalize(split(data, cv_fold=cv_fold, fold_split=fold_split))
     out: dict[str, Any] = {}
     for name, subset in splits.items():
         out[f"x_{name}"], out[f"y_{name}"], out[f"ecg_id_{name}"] = subset.x, subset.y, subset.ecg_id

@@ -70,11 +70,33 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _is_echo_of_failed_read(unraisable: Any) -> bool:
+    """An orbax read coroutine (or its asyncio callback) that failed with the error already
+    reported as one ``error:`` line: collecting it would print that error again, in full."""
+    name = getattr(getattr(unraisable.object, "cr_code", None), "co_name", "")
+    message = str(unraisable.exc_value)
+    return (name == "_read_array_index_and_device_put" or message.startswith("Encountered error while reading")
+            or message == "Event loop is closed")
+
+
 def _collect_quietly() -> None:
-    """Collects the coroutines a failed orbax read leaves un-awaited, without their warnings."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        gc.collect()
+    """Collects the coroutines a failed orbax read leaves un-awaited, without printing their
+    errors again (their first line is already in the refusal). Called after the ``except``
+    block, so the exception no longer keeps their frames alive; other unraisable errors still
+    reach the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_echo_of_failed_read(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -189,10 +211,14 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(detjax=ocp.args.JsonRestore()))
             sidecar = restored["detjax"]
         except Exception as exc:  # orbax raises many types for unreadable directories
+            failure = _short(exc)
+        else:
+            failure = None
+        if failure is not None:
             _collect_quietly()
             raise CheckpointCorruptError(
                 f"checkpoint {self.directory / str(step)} has no readable detjax sidecar "
-                f"({self.directory / str(step) / 'detjax'}: {_short(exc)})") from None
+                f"({self.directory / str(step) / 'detjax'}: {failure})")
         if not isinstance(sidecar, dict) or "state_sha256" not in sidecar:
             raise CheckpointCorruptError(f"checkpoint {self.directory / str(step)}: sidecar is malformed")
         return sidecar
@@ -223,8 +249,12 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(state_target),
                 best=ocp.args.StandardRestore(best_target)))
         except Exception as exc:
+            failure = _short(exc)
+        else:
+            failure = None
+        if failure is not None:  # outside the except block: its frames can now be collected
             _collect_quietly()
-            raise CheckpointCorruptError(f"checkpoint {where} could not be restored ({_short(exc)})") from None
+            raise CheckpointCorruptError(f"checkpoint {where} could not be restored ({failure})")
         for item, tree in (("state", restored["state"]), ("best", restored["best"])):
             try:
                 actual = hashing.tree_sha256(tree)

@@ -37,7 +37,6 @@ maximises F1 on the *source's* validation split (also the F1 at 0.5).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any

@@ -354,3 +354,14 @@ def test_real_cinc_af_windows_in_mv():
     assert d["x_test"].shape == (824, 1000, 1) and int(d["y_test"].sum()) == 76  # fold 10 without its 28 ~
     w = C.preprocess(C.read_record(SHARED_CINC, str(d["id_test"][0])))
     assert np.allclose(d["x_test"][0, :, 0], w, atol=1e-6)  # the loader's mV window, to float32 rounding
+
+
+def test_study_report_shows_the_floor():
+    from detjax import study
+
+    spec = study.StudySpec(task="synthetic", arms=("dct", "kaiming"), seeds=(1, 2), epochs=1)
+    records = {arm: [{"seed": s, "test_score": 0.6 + 0.01 * s, "per_class_auc": {}, "floor_test_score": 0.75}
+                     for s in (1, 2)] for arm in spec.arms}
+    summary = study.analyse(records, spec)
+    assert summary["floor_test_score"] == 0.75
+    assert "Classical floor on the same split" in study.markdown_tables(summary)

@@ -511,9 +511,12 @@ def _host_copy(tree):
 def initial_best(state: TrainState) -> dict:
     """The best-validation record before any evaluation (also the checkpoint restore target).
 
-    Scalars are 0-d arrays, not numpy scalars, which orbax cannot restore into.
+    Scalars are 0-d arrays, not numpy scalars, which orbax cannot restore into. The weights
+    are host copies: the train step donates the state's buffers, so a record that pointed at
+    them would be deleted by the first step (and a run whose validation never improves would
+    then fail to checkpoint its "best" weights).
     """
-    return {"params": state.params, "batch_stats": state.batch_stats,
+    return {"params": _host_copy(state.params), "batch_stats": _host_copy(state.batch_stats),
             "epoch": np.array(-1, np.int32), "score": np.array(-np.inf, np.float32)}
 
 

@@ -250,3 +250,17 @@ def test_augmentation_follows_the_configs_seed_not_the_datas():
     assert task_augmentation(small_config(seed=5), only_fixed) is only_fixed.augment
     with pytest.raises(ValueError, match="defines no augmentation"):
         task_augmentation(small_config(augment=True), base)
+
+
+def test_a_run_whose_validation_never_improves_keeps_its_initial_weights_as_best(tmp_path):
+    """The best record starts as a host copy of the initial weights: the train step donates
+    the state's buffers, so a record pointing at them would be deleted by the first step."""
+    import dataclasses
+
+    config = small_config(epochs=2)
+    data = tasks.load_task(config)
+    real = data.evaluate
+    never = dataclasses.replace(data, evaluate=lambda y, s: {**real(y, s), "score": -math.inf})
+    result = train_and_evaluate(config, never, tmp_path / "run", progress=False, environment={"test": True})
+    assert result["best_epoch"] == -1
+    assert result["final_sha256"] != result["init_sha256"]  # it trained; the test used the initial weights

@@ -66,7 +66,7 @@ __all__ = [
 class TrainConfig:
     """A training recipe. Everything here goes into the config hash.
 
-    Defaults are the PTB-XL protocol of METHOD.md §7 (Adam 1e-3, cosine over 85 epochs
+    Defaults are the PTB-XL protocol of docs/method.md §8 (Adam 1e-3, cosine over 85 epochs
     stepped per epoch, batch 128, class-weighted BCE with logits clamped to ±50).
     """
 
@@ -224,7 +224,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def pos_weights(y_train: np.ndarray) -> np.ndarray:
-    r"""Per-class positive weights :math:`w_c = \sqrt{N / \max(n_c, 1)}` (METHOD.md §7), float32."""
+    r"""Per-class positive weights :math:`w_c = \sqrt{N / \max(n_c, 1)}` (docs/method.md §8), float32."""
     y = np.asarray(y_train)
     counts = y.sum(axis=0, dtype=np.float64)
     return np.sqrt(y.shape[0] / np.maximum(counts, 1.0)).astype(np.float32)

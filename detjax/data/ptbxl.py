@@ -2,7 +2,7 @@
 
 Reads the dataset exactly as PhysioNet publishes it (``ptbxl_database.csv``,
 ``scp_statements.csv``, WFDB records under ``records100/`` or ``records500/``) and builds
-the 12-class rhythm task of METHOD.md §7.
+the 12-class rhythm task of docs/method.md §8.
 
 Labels. For record ``i`` and rhythm code ``c`` (in the order of :data:`RHYTHM_LABELS`)::
 
@@ -81,7 +81,7 @@ __all__ = [
     "download",
 ]
 
-#: The 12 rhythm labels of the paper's task, in output-column order (METHOD.md §7).
+#: The 12 rhythm labels of the paper's task, in output-column order (docs/method.md §8).
 RHYTHM_LABELS: tuple[str, ...] = (
     "SR", "AFIB", "STACH", "SARRH", "SBRAD", "PACE",
     "SVARR", "BIGU", "AFLT", "SVTAC", "PSVT", "TRIGU",
@@ -616,7 +616,7 @@ def load_ptbxl(
 
 
 def split(data: PTBXL, *, cv_fold: int = 0, fold_split: Mapping[str, Sequence[int]] | None = None) -> Splits:
-    """Fold split of METHOD.md §7 for CV rotation ``cv_fold`` (0, 1 or 2).
+    """Fold split of docs/method.md §8 for CV rotation ``cv_fold`` (0, 1 or 2).
 
     ``(test, val) = CV_FOLDS[cv_fold]``; train = the other eight folds, only records with
     at least one rhythm label. Record order within each split is the database order.

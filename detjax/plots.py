@@ -117,6 +117,9 @@ def plot_convergence(members: dict[str, Sequence[dict[str, Any]]], path: str | P
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # e.g. CV members, whose K runs have K histories (each in its fold's manifest)
+            ax.text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)

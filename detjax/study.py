@@ -39,6 +39,10 @@ MODES = ("sequential", "vmap", "unroll", "map")
 EXTRA_METRICS = ("acc", "challenge_f1")
 
 
+#: Tasks whose seed studies can run under K-fold CV: the headline and extra metrics of cv.json.
+CV_HEADLINES = {"ptbxl": ("macro_auc", ()), "cinc2017": ("macro_auc", ("challenge_f1",))}
+
+
 class StudyError(ValueError):
     """The study directory or spec is inconsistent (nothing was overwritten)."""
 
@@ -69,6 +73,7 @@ class StudySpec:
     tost_df: str = "pooled"
     mode: str = "sequential"
     group_size: int = 0
+    cv: int = 0
 
     def __post_init__(self):
         if not self.arms or len(set(self.arms)) != len(self.arms):
@@ -83,6 +88,9 @@ class StudySpec:
             raise StudyError(f"delta must be positive, got {self.delta}")
         if self.epochs < 1 or self.group_size < 0:
             raise StudyError(f"epochs must be >= 1 and group_size >= 0, got {self.epochs}, {self.group_size}")
+        if self.cv and not (2 <= self.cv <= 10 and self.task in CV_HEADLINES and self.mode == "sequential"):
+            raise StudyError(f"cv={self.cv}: K-fold CV studies need 2 <= K <= 10, a task with folds "
+                             f"({sorted(CV_HEADLINES)}) and mode 'sequential'")
         reserved = sorted({"init", "seed", "epochs"} & set(self.options))
         if reserved:
             raise StudyError(f"options may not set {reserved}: arms, seeds and epochs say that")
@@ -119,6 +127,8 @@ def member_dir(out: Path, arm: str, seed: int) -> Path:
 
 def _finished(out: Path, spec: StudySpec, arm: str, seed: int) -> dict | None:
     """The member's result if it finished with this config; ``None`` if it has not finished."""
+    if spec.cv:
+        return _finished_cv(out, spec, arm, seed)
     path = member_dir(out, arm, seed) / "result.json"
     if not path.exists():
         return None
@@ -130,13 +140,48 @@ def _finished(out: Path, spec: StudySpec, arm: str, seed: int) -> dict | None:
     return result
 
 
+def _finished_cv(out: Path, spec: StudySpec, arm: str, seed: int) -> dict | None:
+    """A CV member's record from its ``cv.json`` (K runs in ``fold-<b>/``): the test score is
+    the mean over the K splits, per-class AUCs are those of the pooled out-of-fold predictions,
+    the final hash is the SHA-256 of the K final hashes in split order."""
+    import hashlib
+
+    path = member_dir(out, arm, seed) / "cv.json"
+    if not path.exists():
+        return None
+    cv = json.loads(path.read_text())
+    expected = member_config(spec, arm, seed).hash()
+    if TrainConfig.from_dict(cv["base_config"]).hash() != expected or cv.get("k") != spec.cv:
+        raise StudyError(f"{path} holds a CV run of another config or K; this directory holds another study; "
+                         "nothing was overwritten. Choose another --out")
+    folds = cv["folds"]
+    first = json.loads((Path(folds[0]["run_dir"]) / "result.json").read_text())
+    scores = [f.get("test_score") for f in folds]
+    finite = [float(v) for v in scores if isinstance(v, (int, float)) and math.isfinite(v)]
+    _, extra = CV_HEADLINES[spec.task]
+    return {
+        "config_hash": expected,
+        "test_score": float(np.mean(finite)) if len(finite) == len(scores) else float("nan"),
+        **{m: cv.get(f"{m}_mean") for m in extra},
+        "per_class_auc": (cv.get("pooled") or {}).get("per_class_auc") or {},
+        "floor": {"test_score": float(np.mean([f.get("floor_" + CV_HEADLINES[spec.task][0]) or np.nan
+                                               for f in folds]))},
+        "init_weights_sha256": first.get("init_weights_sha256"),
+        "init_sha256": first.get("init_sha256"),
+        "final_sha256": hashlib.sha256("".join(f["final_sha256"] for f in folds).encode()).hexdigest(),
+        "history": [],
+        "cv": {"k": cv["k"], "mean": cv.get("mean"), "sd": cv.get("sd"),
+               "pooled": cv.get(f"pooled_{CV_HEADLINES[spec.task][0]}")},
+    }
+
+
 def _check_spec(out: Path, spec: StudySpec) -> None:
     """Refuses a directory of a study with another task/epochs/options (seeds and arms may grow)."""
     path = out / "study_spec.json"
     if not path.exists():
         return
     previous = StudySpec.from_dict(json.loads(path.read_text())).to_dict()
-    fixed = ("task", "epochs", "options")
+    fixed = ("task", "epochs", "options", "cv")
     now = spec.to_dict()
     changed = [k for k in fixed if previous.get(k) != now.get(k)]
     if changed:
@@ -167,8 +212,16 @@ def run_study(spec: StudySpec, out: str | Path, *, environment: dict | None = No
             + (f", training {pending}" if pending else ""))
         if not pending:
             continue
-        if data is None:  # the data are the same for every arm and seed (only the seed-free options)
+        if data is None and not spec.cv:  # the same data for every arm and seed (seed-free options)
             data = tasks.load_task(configs[arm])
+        if spec.cv:  # each member: K runs over the task's folds (detjax.cv), one cv.json
+            from detjax import cv
+
+            headline, extra = CV_HEADLINES[spec.task]
+            for seed in pending:
+                cv.run_cv(member_config(spec, arm, seed), spec.cv, member_dir(out, arm, seed), headline=headline,
+                          extra_metrics=extra, environment=environment, progress=progress, log=log)
+            continue
         if spec.mode == "sequential":
             for seed in pending:
                 train_and_evaluate(member_config(spec, arm, seed), data, member_dir(out, arm, seed), resume=True,

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--order", choices=["seeded", "seeded_as_released"], default="seeded",
                         help="members' batch order: a key of its own per (seed, epoch) (default), or the "
                              "released code's keys seed+epoch, under which seeds share most permutations")
+    parser.add_argument("--cv", type=nonnegative_int, default=0, metavar="K",
+                        help="ptbxl/cinc2017: run every member under K-fold CV over the dataset's own folds "
+                             "(2 <= K <= 10; each member is K runs and a cv.json; its score is the mean over "
+                             "the K test blocks). 0 (default): the task's fixed split")
     parser.add_argument("--mode", choices=["sequential", "vmap", "unroll", "map"], default="sequential",
                         help="sequential runs (default), or several seeds in one compiled program "
                              "(see docs/seed_studies.md for which modes equal the solo run bit for bit)")
@@ -120,7 +124,7 @@ def spec_from_args(args):
     options = {k: v for k, v in options.items() if v is not None}
     return StudySpec(task=args.task, arms=arms, seeds=seeds, epochs=args.epochs, options=options,
                      baseline=args.baseline, delta=args.delta, tost_df=args.tost_df, mode=args.mode,
-                     group_size=args.group_size)
+                     group_size=args.group_size, cv=args.cv)
 
 
 def _use_compile_cache(choice: str | None, out: Path) -> None:

@@ -365,3 +365,29 @@ def test_study_report_shows_the_floor():
     summary = study.analyse(records, spec)
     assert summary["floor_test_score"] == 0.75
     assert "Classical floor on the same split" in study.markdown_tables(summary)
+
+
+def test_a_seed_study_runs_its_arms_under_k_fold_cv(trees, tmp_path):
+    from detjax import study
+
+    spec = study.StudySpec(task="ptbxl", arms=("dct", "kaiming"), seeds=(2, 3), epochs=1, cv=2,
+                           options={"data_dir": str(trees["ptbxl"]), "arch": "tiny", "batch_size": 8,
+                                    "eval_every": 1})
+    summary = study.run_study(spec, tmp_path / "study", progress=False, log=lambda *a: None)
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            member = tmp_path / "study" / arm / f"seed-{seed}"
+            stored = json.loads((member / "cv.json").read_text())
+            assert stored["k"] == 2 and [Path(f["run_dir"]).parent for f in stored["folds"]] == [member] * 2
+    records = study.collect(tmp_path / "study", spec)
+    dct = records["dct"]
+    assert len(dct) == 2 and all(r["test_score"] is not None for r in dct)
+    assert dct[0]["init_weights_sha256"] == dct[1]["init_weights_sha256"]  # structured: seed-free weights
+    assert json.loads((tmp_path / "study" / "study.json").read_text())
+    assert summary
+    # the same directory with another K is refused, nothing overwritten
+    with pytest.raises(study.StudyError, match="other"):
+        study.run_study(study.StudySpec(**{**spec.__dict__, "cv": 3}), tmp_path / "study", progress=False,
+                        log=lambda *a: None)
+    with pytest.raises(study.StudyError, match="K-fold"):
+        study.StudySpec(task="synthetic", arms=("dct",), seeds=(2,), epochs=1, cv=2)

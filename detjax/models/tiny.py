@@ -20,9 +20,12 @@ class TinyECG(nn.Module):
     variant: str = "reference"
     width: int = 16
     dropout: float = 0.1
+    in_leads: int | None = None  # checked against the input when given (the ECG recipes pass it)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.in_leads is not None and x.shape[-1] != self.in_leads:
+            raise ValueError(f"TinyECG expects (B, T, {self.in_leads}), got shape {x.shape}")
         def conv(features, stride, stage, fan_in, scale=1.0):
             return nn.Conv(features, (5,), strides=(stride,), padding=[(2, 2)],
                            kernel_init=di.kernel_init(self.init_mode, stage, scale=scale, variant=self.variant),

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from detjax.train import TrainConfig
 
-__all__ = ["ptbxl", "cinc2017", "medmnist", "synthetic", "RECIPES", "get_config", "recipe_arguments"]
+__all__ = ["ptbxl", "cinc2017", "medmnist", "synthetic", "af_transfer", "RECIPES", "get_config", "recipe_arguments"]
 
 
 def _absolute(folder: str | Path | None) -> str | None:
@@ -129,8 +129,35 @@ def synthetic(*, init: str = "mixed", arch: str = "tiny", seed: int = 0, epochs:
                        loss="weighted_bce", eval_every=eval_every)
 
 
+def af_transfer(*, source: str, target: str, cinc_dir: str | Path | None = None, ptbxl_dir: str | Path | None = None,
+                init: str = "mixed", arch: str = "conformer", seed: int = 0, epochs: int = 20, order: str = "golden",
+                variant: str = "reference", baseline: str = "highpass", cinc_noisy: str = "exclude",
+                limit: int | None = None, batch_size: int = 128, eval_every: int = 1) -> TrainConfig:
+    """Binary AF on one dataset's harmonised lead-I windows (``source``: ``"cinc2017"`` or
+    ``"ptbxl"``), evaluated zero-shot on the other's test records (:mod:`detjax.transfer`):
+    the single-lead model, Adam 1e-3, class-weighted BCE, validation every epoch.
+
+    ``cinc_dir=None`` reads ``$DETJAX_CINC2017_DIR`` here (recorded absolute); ``ptbxl_dir=None``
+    is the vendored sample. ``baseline`` is the baseline removal applied to every dataset.
+    """
+    import os
+
+    from detjax.data.cinc2017 import ENV_DATA_DIR
+
+    if source == target:
+        raise ValueError(f"source and target name the same dataset ({source}); transfer needs two")
+    cinc_dir = cinc_dir or os.environ.get(ENV_DATA_DIR)
+    if not cinc_dir:
+        raise ValueError(f"no CinC 2017 data folder: pass --cinc-dir DIR or set {ENV_DATA_DIR}=DIR")
+    data = {"source": source, "target": target, "cinc_dir": _absolute(cinc_dir), "ptbxl_dir": _absolute(ptbxl_dir),
+            "baseline": baseline, "cinc_noisy": cinc_noisy, "limit": limit}
+    return TrainConfig(task="af_transfer", data=data, arch=arch, model={"in_leads": 1}, init=init, variant=variant,
+                       order=order, seed=seed, epochs=epochs, batch_size=batch_size, optimizer="adam",
+                       learning_rate=1e-3, loss="weighted_bce", eval_every=eval_every)
+
+
 RECIPES: dict[str, Callable[..., TrainConfig]] = {
-    "ptbxl": ptbxl, "cinc2017": cinc2017, "medmnist": medmnist, "synthetic": synthetic,
+    "ptbxl": ptbxl, "cinc2017": cinc2017, "medmnist": medmnist, "synthetic": synthetic, "af_transfer": af_transfer,
 }
 
 

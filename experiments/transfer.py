@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detjax.cli import (add_common_flags, check_data_dir, default_out, parse_and_configure,  # noqa: E402
-                        positive_int, run_experiment)
+                        positive_int, print_config, run_experiment)
 
 DEFAULT_EPOCHS = 5
 DEFAULT_EPOCHS_NOTE = "a short CPU run; the transfer result of a 5-epoch model is a floor, not the paper's protocol"
@@ -54,24 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def data_options(args: argparse.Namespace, environ=None) -> dict:
-    """The ``af_transfer`` task's ``config.data`` (absolute paths, so ``verify`` needs no environment)."""
-    environ = os.environ if environ is None else environ
-    if args.train == args.test:
-        raise ValueError(f"--train and --test name the same dataset ({args.train}); transfer needs two")
+def config_of(args: argparse.Namespace, epochs: int):
+    """The af_transfer recipe with this command line's arguments (absolute folders, so
+    ``verify`` needs no environment)."""
+    from detjax import recipes
+
     if args.data_dir is not None:
         raise ValueError("--data-dir is ambiguous here: give --cinc-dir and/or --ptbxl-dir")
-    cinc = args.cinc_dir or environ.get(ENV_CINC)
-    if not cinc:
-        raise ValueError(f"no CinC 2017 data folder: pass --cinc-dir DIR or set {ENV_CINC}=DIR")
-    return {"source": args.train, "target": args.test,
-            "cinc_dir": str(Path(cinc).expanduser().absolute()),
-            "ptbxl_dir": str(Path(args.ptbxl_dir).expanduser().absolute()) if args.ptbxl_dir else None,
-            "baseline": args.baseline, "cinc_noisy": args.cinc_noisy, "limit": args.limit}
+    return recipes.af_transfer(source=args.train, target=args.test, cinc_dir=args.cinc_dir, ptbxl_dir=args.ptbxl_dir,
+                               init=args.init, arch=args.arch, seed=args.seed, epochs=epochs, order=args.order,
+                               variant=args.variant, baseline=args.baseline, cinc_noisy=args.cinc_noisy,
+                               limit=args.limit, batch_size=args.batch_size, eval_every=args.eval_every)
 
 
 def validate(args: argparse.Namespace) -> None:
-    data = data_options(args)
+    data = config_of(args, epochs=1).data
     check_data_dir(data["cinc_dir"], "--cinc-dir" if args.cinc_dir else f"${ENV_CINC}")
     check_data_dir(data["ptbxl_dir"], "--ptbxl-dir")
 
@@ -79,16 +75,9 @@ def validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
                                        epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    from detjax.train import TrainConfig
-
-    try:
-        config = TrainConfig(task="af_transfer", data=data_options(args), arch=args.arch, model={"in_leads": 1},
-                             init=args.init, variant=args.variant, order=args.order, seed=args.seed,
-                             epochs=epochs, batch_size=args.batch_size, optimizer="adam", learning_rate=1e-3,
-                             loss="weighted_bce", eval_every=args.eval_every)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = config_of(args, epochs)
+    if args.print_config:
+        return print_config(config)
     if args.out is None:
         args.out = str(default_out(f"transfer-{args.train}-to-{args.test}"))
     code = run_experiment(config, args)

@@ -79,11 +79,44 @@ def _is_echo_of_failed_read(unraisable: Any) -> bool:
             or message == "Event loop is closed")
 
 
+def _silence_late_echoes() -> None:
+    """When a read fails, TensorStore threads finish the remaining reads and call back into
+    orbax's event loop, which is closed by then; Python prints each ``RuntimeError('Event loop
+    is closed')`` through ``sys.excepthook`` (or, for collected coroutines, the unraisable hook),
+    while the read is failing, after the refusal was printed, or at exit. Installed before the
+    first restore, these exact echoes are dropped process-wide; every other error still
+    reaches the previous hooks."""
+    if getattr(sys.excepthook, "_detjax_filter", False):
+        return
+    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, tb):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            previous_except(kind, value, tb)
+
+    def unraisablehook(unraisable):
+        if not _is_echo_of_failed_read(unraisable):
+            previous_unraisable(unraisable)
+
+    excepthook._detjax_filter = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_read_errors)
+
+
+def _drop_unretrieved_read_errors(record: logging.LogRecord) -> bool:
+    """asyncio's "Future exception was never retrieved" for a TensorStore read that failed (the
+    failure is already the refusal's one line); any other asyncio message passes."""
+    message = record.getMessage()
+    echo = message.startswith(("Future exception was never retrieved", "Task exception was never retrieved"))
+    return not (echo and ("tensorstore_spec" in message or "error while reading" in message))
+
+
 def _collect_quietly() -> None:
     """Collects the coroutines a failed orbax read leaves un-awaited, without printing their
     errors again (their first line is already in the refusal). Called after the ``except``
     block, so the exception no longer keeps their frames alive; other unraisable errors still
     reach the previous hook."""
+    _silence_late_echoes()
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -207,6 +240,7 @@ class Checkpointer:
         kill_point("checkpoint", step)  # should not be reached: orbax committed without a rename
 
     def read_sidecar(self, step: int) -> dict[str, Any]:
+        _silence_late_echoes()  # a failing read's echoes can arrive while it is still failing
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(detjax=ocp.args.JsonRestore()))
             sidecar = restored["detjax"]

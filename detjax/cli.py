@@ -250,6 +250,26 @@ def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs
     return args, epochs
 
 
+def parse_to_config(parser: argparse.ArgumentParser, argv, config_of: Callable[[argparse.Namespace, int], Any], *,
+                    default_epochs: int, epochs_note: str,
+                    validate: Callable[[argparse.Namespace, Any], None] | None = None):
+    """The shared start of every experiment CLI: :func:`parse_and_configure` with the recipe's
+    own checks first (``config_of(args, 1)``, then ``validate(args, that_config)``), then the
+    config of ``config_of(args, epochs)``. ``--print-config`` prints it and exits 0 here,
+    before any data is loaded. Returns ``(args, config)``."""
+    def checks(args: argparse.Namespace) -> None:
+        config = config_of(args, 1)
+        if validate is not None:
+            validate(args, config)
+
+    args, epochs = parse_and_configure(parser, argv, default_epochs=default_epochs, epochs_note=epochs_note,
+                                       validate=checks)
+    config = config_of(args, epochs)
+    if args.print_config:
+        raise SystemExit(print_config(config))
+    return args, config
+
+
 def default_out(name: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{name}-{stamp}"
@@ -280,8 +300,6 @@ def run_experiment(config, args, *, augment=None) -> int:
     from detjax import tasks
     from detjax.train import train_and_evaluate
 
-    if getattr(args, "print_config", False):
-        return print_config(config)
     try:
         finished = check_run_dir(args.out, config.hash(), args.resume)
         if finished is not None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import (add_common_flags, check_data_dir, default_out, parse_and_configure,  # noqa: E402
-                        positive_float, positive_int, print_config, run_experiment)
+from detjax.cli import (add_common_flags, check_data_dir, default_out, parse_to_config,  # noqa: E402
+                        positive_float, positive_int, run_experiment)
 
 DEFAULT_EPOCHS = 85
 DEFAULT_EPOCHS_NOTE = ("the PTB-XL protocol's length; the full training folds are ~6,800 records (54 batches "
@@ -69,21 +69,17 @@ def config_of(args: argparse.Namespace, epochs: int):
                             transformer_fixup=args.transformer_fixup)
 
 
-def validate(args: argparse.Namespace) -> None:
-    """The recipe's checks, the data folder and the window, before any data is loaded."""
+def validate(args: argparse.Namespace, config) -> None:
+    """The data folder and the window of the recipe's ``config`` (its own checks ran first)."""
     from detjax.data.cinc2017 import window_length
 
-    config = config_of(args, epochs=1)
     check_data_dir(config.data["data_dir"], "--data-dir" if args.data_dir else f"${ENV_DATA_DIR}")
     window_length(args.window_seconds, args.sampling_rate)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
-                                       epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    config = config_of(args, epochs)
-    if args.print_config:
-        return print_config(config)
+    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
+                                   epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
     if args.cv:
         from detjax.cv import cv_main
 

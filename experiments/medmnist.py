@@ -22,7 +22,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from detjax.cli import add_common_flags, error_exit, parse_and_configure, positive_int, run_experiment  # noqa: E402
+from detjax.cli import add_common_flags, parse_to_config, positive_int, run_experiment  # noqa: E402
 
 DEFAULT_EPOCHS = 5
 DEFAULT_EPOCHS_NOTE = ("chosen so vendored BreastMNIST trains in about 7 minutes on a 2-core CPU; the paper's "
@@ -41,25 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Checks that need more than argparse (before any data is loaded): a known 2-D flag."""
-    from detjax.data.medmnist import dataset_info
+def config_of(args: argparse.Namespace, epochs: int):
+    """The medmnist recipe with this command line's arguments (it checks the flag)."""
+    from detjax import recipes
 
-    dataset_info(args.flag.lower())
+    return recipes.medmnist(flag=args.flag, init=args.init, variant=args.variant, order=args.order, seed=args.seed,
+                            epochs=epochs, data_dir=args.data_dir, size=args.size, limit=args.limit,
+                            batch_size=args.batch_size, eval_every=args.eval_every, augment=not args.no_augment)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
-                                       epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    from detjax import recipes
-
-    try:
-        config = recipes.medmnist(flag=args.flag, init=args.init, variant=args.variant, order=args.order,
-                                  seed=args.seed, epochs=epochs, data_dir=args.data_dir, size=args.size,
-                                  limit=args.limit, batch_size=args.batch_size, eval_every=args.eval_every,
-                                  augment=not args.no_augment)
-    except ValueError as exc:
-        return error_exit(str(exc))
+    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
+                                   epochs_note=DEFAULT_EPOCHS_NOTE)
     return run_experiment(config, args)
 
 

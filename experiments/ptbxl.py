@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import add_common_flags, parse_and_configure, positive_int, print_config, run_experiment  # noqa: E402
+from detjax.cli import add_common_flags, parse_to_config, positive_int, run_experiment  # noqa: E402
 
 # With the 500-record sample (~400 training records, 4 batches of 128) the Conformer takes
 # about DEFAULT_EPOCHS_NOTE on this project's 2-core CPU machine; see docs/RESULTS.md.
@@ -58,17 +58,9 @@ def config_of(args: argparse.Namespace, epochs: int):
                          transformer_fixup=args.transformer_fixup)
 
 
-def validate(args: argparse.Namespace) -> None:
-    """The recipe's own checks (leads, arch and init names, fixup), before any data is loaded."""
-    config_of(args, epochs=1)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
-                                       epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    config = config_of(args, epochs)
-    if args.print_config:
-        return print_config(config)
+    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
+                                   epochs_note=DEFAULT_EPOCHS_NOTE)
     if args.data_dir is None:
         print("data: the vendored 500-record PTB-XL sample (records 1-500, CC BY 4.0); its AUCs are "
               "NOT comparable to the paper's full-data numbers", flush=True)

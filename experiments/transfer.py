@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import (add_common_flags, check_data_dir, default_out, parse_and_configure,  # noqa: E402
-                        positive_int, print_config, run_experiment)
+from detjax.cli import (add_common_flags, check_data_dir, default_out, parse_to_config,  # noqa: E402
+                        positive_int, run_experiment)
 
 DEFAULT_EPOCHS = 5
 DEFAULT_EPOCHS_NOTE = "a short CPU run; the transfer result of a 5-epoch model is a floor, not the paper's protocol"
@@ -66,18 +66,16 @@ def config_of(args: argparse.Namespace, epochs: int):
                                limit=args.limit, batch_size=args.batch_size, eval_every=args.eval_every)
 
 
-def validate(args: argparse.Namespace) -> None:
-    data = config_of(args, epochs=1).data
+def validate(args: argparse.Namespace, config) -> None:
+    """The data folders of the recipe's ``config`` (its own checks ran first)."""
+    data = config.data
     check_data_dir(data["cinc_dir"], "--cinc-dir" if args.cinc_dir else f"${ENV_CINC}")
     check_data_dir(data["ptbxl_dir"], "--ptbxl-dir")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, epochs = parse_and_configure(build_parser(), argv, default_epochs=DEFAULT_EPOCHS,
-                                       epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
-    config = config_of(args, epochs)
-    if args.print_config:
-        return print_config(config)
+    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
+                                   epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
     if args.out is None:
         args.out = str(default_out(f"transfer-{args.train}-to-{args.test}"))
     code = run_experiment(config, args)

@@ -2,7 +2,7 @@
 """MedMNIST (2-D, 28×28) with ResNet-18: structured 2-D init vs He-normal, deterministic.
 
     python experiments/medmnist.py --flag breastmnist --init dct           # vendored BreastMNIST
-    python experiments/medmnist.py --flag pneumoniamnist --data-dir ../shared/data/medmnist
+    python experiments/medmnist.py --flag pneumoniamnist --data-dir data/medmnist
     python experiments/medmnist.py --flag breastmnist --init kaiming --order seeded --seed 7
 
 The paper's SGD recipe (lr 0.1, momentum 0.9, weight decay 5e-4, cosine over the run, batch

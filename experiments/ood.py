@@ -2,7 +2,7 @@
 """OOD scores from the spare ETF vertex, and robustness under synthetic shifts.
 
     python experiments/ood.py --run RUN_DIR                  # writes RUN_DIR/ood.json, ood.md, ood.png
-    python experiments/ood.py --run RUN_DIR --cinc-dir ../shared/data/cinc2017   # + CinC `~` as real OOD
+    python experiments/ood.py --run RUN_DIR --cinc-dir data/cinc2017   # + CinC `~` as real OOD
     python experiments/ood.py --study STUDY_DIR              # robustness per init arm of a seed study
 
 For a finished run: restores its best-validation weights (checked against result.json),

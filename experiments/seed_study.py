@@ -2,7 +2,7 @@
 """Seed study: n seeds per arm, structured initialisation vs Kaiming, with the paper's statistics.
 
     python experiments/seed_study.py --task medmnist:breastmnist --arms dct,kaiming --seeds 20 --epochs 200
-    python experiments/seed_study.py --task cinc2017 --data-dir ../shared/data/cinc2017 \\
+    python experiments/seed_study.py --task cinc2017 --data-dir data/cinc2017 \\
         --arms mixed,kaiming --seeds 20 --epochs 85
     python experiments/seed_study.py --task ptbxl --arms dct,hadamard,hartley,sinusoidal --seeds 20
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cross-dataset AF transfer: train on CinC 2017 or PTB-XL, test zero-shot on the other.
 
-    python experiments/transfer.py --train cinc2017 --test ptbxl --cinc-dir ../shared/data/cinc2017 \\
+    python experiments/transfer.py --train cinc2017 --test ptbxl --cinc-dir data/cinc2017 \\
         --epochs 5 --limit 2048
     python experiments/transfer.py --train ptbxl --test cinc2017 --cinc-dir DIR --arch baseline
 

@@ -88,7 +88,7 @@ def _entry(python_class, task, labels, n_channels, n_samples, md5, license="CC B
 
 # Transcribed from medmnist/info.py of medmnist 3.0.2 (MedMNIST+, Zenodo record 10519652).
 # md5 tuples are for sizes (28, 64, 128, 224). breastmnist and pneumoniamnist (28) were
-# verified against the real files in ../shared/data/medmnist.
+# verified against the real files (MD5 equal to the official table).
 BUILTIN_INFO: dict[str, dict[str, Any]] = {
     "pathmnist": _entry(
         "PathMNIST", "multi-class",
@@ -392,7 +392,7 @@ def _resolve_path(flag: str, data_dir: str | os.PathLike | None, size: int) -> P
         if (flag, size) not in _VENDORED:
             raise ValueError(
                 f"{file_name(flag, size)} is not shipped with detjax (only breastmnist.npz is): "
-                f"pass data_dir (CLI: --data-dir), e.g. ../shared/data/medmnist, "
+                f"pass data_dir (CLI: --data-dir), e.g. data/medmnist, "
                 f"or fetch it with detjax.data.medmnist.download({flag!r}, dest_dir, size={size})"
             )
         data_dir = vendored_dir()

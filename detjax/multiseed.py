@@ -162,21 +162,7 @@ def _group_hash(config: TrainConfig, seeds: Sequence[int], mode: str) -> str:
                                      "mode": mode, "kind": "detjax.multiseed"})
 
 
-def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workdir: str | Path, *,
-                mode: str = "vmap", member_dirs: Sequence[str | Path] | None = None, model=None,
-                environment: dict | None = None, progress: bool = True, resume: bool = True,
-                stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
-    """Trains ``config`` for every seed in ``seeds`` at once; returns the members' results.
-
-    ``workdir`` holds the group's checkpoints (one per epoch, verified on restore like a
-    single run's); ``member_dirs`` (default ``workdir/seed-<s>``) receive each member's
-    ``result.json`` and ``manifest.json``. A member's result has the same keys as
-    :func:`detjax.train.train_and_evaluate`'s plus ``"history"`` and ``"execution"``.
-    ``config.seed`` is ignored (each member uses its own).
-    """
-    from detjax.checkpoint import Checkpointer
-    from detjax.models import get_model
-
+def _check_seeds(seeds: Sequence[int], mode: str) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("train_seeds needs at least one seed")
@@ -186,150 +172,142 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
         raise ValueError(f"seeds must be in [0, 2**32), got {seeds}")
     if mode not in MODES:
         raise ValueError(f"unknown multi-seed mode {mode!r}; expected one of {MODES}")
+    return seeds
+
+
+def _members_executor(config: TrainConfig, data: TaskData, seeds: list[int], step, predict,
+                      checkpoint: Callable) -> train_lib.Executor:
+    """The executor of k stacked members: member j's batch is ``train_x[idx[j]]`` in its own
+    order, gathered inside the one mapped program."""
+    order_fns = _orders(config, data, seeds)
+    train_x, train_y = jax.device_put(data.train_x), jax.device_put(data.train_y)
+    seeds_dev = jnp.asarray(np.asarray(seeds, np.uint32))
+
+    def batches(epoch):
+        orders = np.stack([fn(epoch) for fn in order_fns]).astype(np.int32)  # [k, n]
+        return [orders[:, i:i + config.batch_size] for i in range(0, orders.shape[1], config.batch_size)]
+
+    return train_lib.Executor(
+        members=len(seeds), batches=batches,
+        step=lambda states, idx: step(states, jnp.asarray(idx), seeds_dev, train_x, train_y),
+        scores=lambda variables, x: _predict_members(predict, variables, x, config.eval_batch_size),
+        update_best=_update_best, save=checkpoint)
+
+
+def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workdir: str | Path, *,
+                mode: str = "vmap", member_dirs: Sequence[str | Path] | None = None, model=None,
+                environment: dict | None = None, progress: bool = True, resume: bool = True,
+                stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
+    """Trains ``config`` for every seed in ``seeds`` at once; returns the members' results.
+
+    ``workdir`` holds the group's checkpoints (one per epoch, verified on restore like a
+    single run's); ``member_dirs`` (default ``workdir/seed-<s>``) are the members' run
+    directories, under the rules of a single run's: a member directory that holds another
+    config, or (without ``resume``) any run, is refused before training; a finished member
+    is returned as stored and never rewritten. A member's result has the same keys as
+    :func:`detjax.train.train_and_evaluate`'s plus ``"seed"``, ``"execution"`` and
+    ``"history"``. ``config.seed`` is ignored (each member uses its own).
+    """
+    from detjax.checkpoint import Checkpointer
+    from detjax.models import get_model
+
+    seeds = _check_seeds(seeds, mode)
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
     member_dirs = [workdir / f"seed-{s}" for s in seeds] if member_dirs is None else [Path(d).absolute()
                                                                                      for d in member_dirs]
     if len(member_dirs) != len(seeds):
         raise ValueError(f"{len(member_dirs)} member directories for {len(seeds)} seeds")
-    group_hash = _group_hash(config, seeds, mode)
+    configs = [member_config(config, s) for s in seeds]
+    for cfg, member_dir in zip(configs, member_dirs):
+        train_lib._check_run_dir(member_dir, cfg.hash(), resume)
+    stored = [manifest_lib.finished_result(d) for d in member_dirs]
+    if all(r is not None for r in stored):
+        return stored
     if environment is None:
         from detjax.determinism import environment_fingerprint
         environment = environment_fingerprint()
     if model is None:
         model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
                           variant=config.variant, **dict(config.model))
-    seeded_augment = None
-    if config.augment:
-        if data.seeded_augment is None:
-            raise ValueError(f"config.augment is set but task {config.task!r} defines no seeded augmentation")
-        seeded_augment = data.seeded_augment
-
-    k = len(seeds)
-    n_train = data.train_x.shape[0]
-    batches_per_epoch = math.ceil(n_train / config.batch_size)
+    if config.augment and data.seeded_augment is None:
+        raise ValueError(f"config.augment is set but task {config.task!r} defines no seeded augmentation")
+    batches_per_epoch = math.ceil(data.train_x.shape[0] / config.batch_size)
     tx = train_lib.make_optimizer(config, batches_per_epoch)
     weight = train_lib.pos_weights(data.train_y) if config.loss == "weighted_bce" else None
-    step = make_members_step(model, tx, config, weight, seeded_augment, mode)
-    predict = make_members_predict(model, config, mode)
-    order_fns = _orders(config, data, seeds)
-    eval_epochs = train_lib.protocol_eval_epochs(config.epochs, config.eval_every)
-
     init_states = init_member_states(model, tx, data.train_x[:1], seeds, mode)
-    init_host = [member_slice(train_lib._state_dict(init_states), j) for j in range(k)]
-    init_digests = [hashing.tree_digests(d) for d in init_host]
-    init_weights = [train_lib.weights_sha256(d) for d in init_host]
-    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_host[0]["params"])))
-    data_fingerprint = data.fingerprint()
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(workdir / "checkpoints", config_hash=group_hash)
+    manifests = _member_manifests(configs, data, environment, init_states, model)
+    checkpointer = Checkpointer(workdir / "checkpoints", config_hash=_group_hash(config, seeds, mode))
     # Host copies: the states' device buffers are donated to the first step.
     best = {"params": train_lib._host_copy(init_states.params),
             "batch_stats": train_lib._host_copy(init_states.batch_stats),
-            "epoch": np.full(k, -1, np.int32), "score": np.full(k, -np.inf, np.float32)}
+            "epoch": np.full(len(seeds), -1, np.int32), "score": np.full(len(seeds), -np.inf, np.float32)}
     histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
-    states = init_states
+    states, sidecar = init_states, None
     restored = checkpointer.restore_latest(train_lib._state_dict(init_states), best) if resume else None
     if restored is not None:
         state_dict, best, sidecar = restored
         states = flax.serialization.from_state_dict(init_states, state_dict)
         histories = [list(h) for h in sidecar.get("histories", histories)]
-    states = jax.device_put(states)
-    train_x, train_y = jax.device_put(data.train_x), jax.device_put(data.train_y)
-    seeds_dev = jnp.asarray(np.asarray(seeds, np.uint32))
+    for member_dir, run_manifest, result in zip(member_dirs, manifests, stored):
+        if result is None:
+            train_lib.start_record(member_dir, run_manifest, sidecar=sidecar, environment=environment)
 
-    bar = train_lib._progress(total=config.epochs * batches_per_epoch,
-                              initial=int(np.asarray(states.step)[0]), enabled=progress,
-                              desc=f"{config.arch}/{config.init} x{k} ({mode})")
-    start_epoch = int(np.asarray(states.epoch)[0])
-    for epoch in range(start_epoch, config.epochs):
-        orders = np.stack([fn(epoch) for fn in order_fns]).astype(np.int32)  # [k, n]
-        losses = []
-        done = int(np.asarray(states.position)[0])  # batches of this epoch already consumed
-        for i, start in enumerate(range(0, n_train, config.batch_size)):
-            if i < done:
-                continue
-            idx = jnp.asarray(orders[:, start:start + config.batch_size])
-            states, metrics = step(states, idx, seeds_dev, train_x, train_y)
-            losses.append(metrics["loss"])
-            bar.update(1)
-        epoch_losses = np.mean(np.stack(jax.device_get(losses)), axis=0) if losses else np.full(k, np.nan)
-        if not np.all(np.isfinite(epoch_losses)):
-            bad = [s for s, v in zip(seeds, epoch_losses) if not math.isfinite(v)]
-            raise FloatingPointError(f"training loss became non-finite in epoch {epoch} for seeds {bad}")
-        states = states.replace(epoch=states.epoch + 1, position=jnp.zeros_like(states.position))
-        lr = train_lib.tx_lr(config, batches_per_epoch, epoch)
-        records = [{"epoch": epoch, "train_loss": float(v), "lr": lr} for v in epoch_losses]
-        if epoch in eval_epochs:
-            scores = _predict_members(predict, states.variables(), data.val_x, config.eval_batch_size)
-            improved = []
-            for j in range(k):
-                val = data.evaluate(data.val_y, scores[j])
-                records[j]["val"] = val
-                improved.append(val["score"] > float(best["score"][j]))
-            if any(improved):
-                best = _update_best(best, states, improved, epoch, [r["val"]["score"] for r in records])
-            bar.set_postfix(loss=f"{float(np.mean(epoch_losses)):.4f}",
-                            val=f"{np.mean([r['val']['score'] for r in records]):.4f}")
-        for history, record in zip(histories, records):
-            history.append(record)
+    def checkpoint(epoch, states, best, histories):
         checkpointer.save(epoch + 1, train_lib._state_dict(states), best, {"histories": histories})
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            bar.close()
-            checkpointer.close()
-            return [{"stopped_after_epoch": epoch, "seed": s} for s in seeds]
-    bar.close()
-    checkpointer.close()
 
+    ex = _members_executor(config, data, seeds,
+                           make_members_step(model, tx, config, weight, data.seeded_augment if config.augment
+                                             else None, mode),
+                           make_members_predict(model, config, mode), checkpoint)
+    bar = train_lib._progress(total=config.epochs * batches_per_epoch, initial=train_lib._counter(states.step), enabled=progress,
+                              desc=f"{config.arch}/{config.init} x{len(seeds)} ({mode})")
+    with bar, checkpointer:
+        states, best, stopped = train_lib.run_epochs(ex, config, data, jax.device_put(states), best, histories,
+                                                     bar=bar, stop_after_epoch=stop_after_epoch)
+    if stopped:
+        return [{"stopped_after_epoch": train_lib._counter(states.epoch) - 1, "seed": s} for s in seeds]
+    execution = {"mode": mode, "members": len(seeds), "seeds": seeds, "group_hash": checkpointer.config_hash,
+                 "group_dir": str(workdir), "wall_time_s_group": time.perf_counter() - t_start}
+    return _finish_members(configs, data, ex, states, best, histories, manifests, member_dirs, stored, execution)
+
+
+def _member_manifests(configs: Sequence[TrainConfig], data: TaskData, environment: dict, init_states: TrainState,
+                      model) -> list[dict[str, Any]]:
+    """Each member's running manifest, from its slice of the stacked initial states."""
+    init_host = [member_slice(train_lib._state_dict(init_states), j) for j in range(len(configs))]
+    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_host[0]["params"])))
+    assignment = train_lib.init_assignment(model, data.train_x[:1])
+    return [train_lib.new_run_manifest(cfg, data, environment, host, n_params, assignment)
+            for cfg, host in zip(configs, init_host)]
+
+
+def _finish_members(configs: Sequence[TrainConfig], data: TaskData, ex: train_lib.Executor, states: TrainState,
+                    best: dict, histories: list[list[dict]], manifests: list[dict], member_dirs: list[Path],
+                    stored: list[dict | None], execution: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tests every member's best-validation weights and closes its run directory (a member
+    finished before this group ran keeps its stored record)."""
     best_variables = {"params": best["params"]}
     if jax.tree_util.tree_leaves(best["batch_stats"]):
         best_variables["batch_stats"] = best["batch_stats"]
-    test_scores = _predict_members(predict, best_variables, data.test_x, config.eval_batch_size)
-    wall = time.perf_counter() - t_start
-    execution = {"mode": mode, "members": k, "seeds": seeds, "group_hash": group_hash,
-                 "group_dir": str(workdir), "wall_time_s_group": wall}
-    final_host = [member_slice(train_lib._state_dict(states), j) for j in range(k)]
-    assignment = train_lib.init_assignment(model, data.train_x[:1])
+    test_scores = ex.scores(best_variables, data.test_x)
+    wall = execution["wall_time_s_group"] / len(configs)
     results = []
-    for j, seed in enumerate(seeds):
-        cfg = member_config(config, seed)
-        test = data.evaluate(data.test_y, test_scores[j])
-        final_digests = hashing.tree_digests(final_host[j])
-        member_best = member_slice({"params": best["params"], "batch_stats": best["batch_stats"]}, j)
-        result = {
-            **{key: v for key, v in test.items() if key != "score"},
-            "test_score": test["score"],
-            "seed": seed,
-            "best_epoch": int(np.asarray(best["epoch"])[j]),
-            "best_val_score": float(np.asarray(best["score"])[j]),
-            "init_sha256": init_digests[j]["sha256"],
-            "init_md5": init_digests[j]["md5"],
-            "init_weights_sha256": init_weights[j],
-            "final_sha256": final_digests["sha256"],
-            "final_md5": final_digests["md5"],
-            "best_params_sha256": hashing.tree_sha256(member_best),
-            "n_params": n_params,
-            "labels": list(data.labels),
-            "epochs": config.epochs,
-            "config_hash": cfg.hash(),
-            "wall_time_s": wall / k,
-            "run_dir": str(member_dirs[j]),
-            "execution": execution,
-            "history": histories[j],
-        }
-        run_manifest = manifest_lib.new_manifest(
-            config=cfg.to_dict(), config_hash=cfg.hash(), data_fingerprint=data_fingerprint,
-            environment=environment, init_digests=init_digests[j], n_params=n_params, data_info=data.info)
-        run_manifest.update(status="finished", final_digests=final_digests, history=histories[j],
-                            init_weights_sha256=init_weights[j], init_assignment=assignment,
-                            metrics={key: v for key, v in result.items() if key != "history"},
-                            wall_time_s=wall / k, execution=execution)
-        member_dirs[j].mkdir(parents=True, exist_ok=True)
-        manifest_lib.replace_record(member_dirs[j] / "result.json", result)  # keeps what it replaces
-        manifest_lib.replace_record(member_dirs[j] / "manifest.json", run_manifest)
-        manifest_lib.append_event(member_dirs[j], "finished", final_sha256=final_digests["sha256"],
-                                  wall_time_s=wall / k, execution=execution)
+    for j, (cfg, run_manifest, member_dir) in enumerate(zip(configs, manifests, member_dirs)):
+        if stored[j] is not None:
+            results.append(stored[j])
+            continue
+        final_digests = hashing.tree_digests(member_slice(train_lib._state_dict(states), j))
+        result = train_lib.run_result(
+            cfg, data, data.evaluate(data.test_y, test_scores[j]), best_epoch=int(np.asarray(best["epoch"])[j]),
+            best_score=float(np.asarray(best["score"])[j]), init_digests=run_manifest["init_digests"],
+            init_weights_sha256=run_manifest["init_weights_sha256"], final_digests=final_digests,
+            best_weights_sha256=hashing.tree_sha256(
+                member_slice({"params": best["params"], "batch_stats": best["batch_stats"]}, j)),
+            n_params=run_manifest["n_params"], wall=wall, run_dir=member_dir, seed=cfg.seed,
+            execution=execution, history=histories[j])
+        train_lib.write_finished(member_dir, run_manifest, result, final_digests=final_digests,
+                                 history=histories[j], wall=wall, execution=execution)
         results.append(result)
     return results
 

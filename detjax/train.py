@@ -55,6 +55,11 @@ __all__ = [
     "predict",
     "protocol_eval_epochs",
     "task_augmentation",
+    "Executor",
+    "run_epochs",
+    "prepare_run",
+    "run_result",
+    "make_gather_step",
     "train_and_evaluate",
 ]
 
@@ -187,12 +192,18 @@ class TaskData:
     #: ``result.json`` (the classical floor, a transfer evaluation on another dataset, ...).
     post_evaluate: Callable[[Callable[[np.ndarray], np.ndarray], np.ndarray], dict] | None = None
 
+    #: the memo of :meth:`fingerprint` (not an argument: ``dataclasses.replace`` starts afresh)
+    _fingerprint: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
     def fingerprint(self) -> dict[str, Any]:
-        """SHA-256/MD5 of the arrays actually used, plus their shapes."""
-        arrays = {f"{split}_{part}": getattr(self, f"{split}_{part}")
-                  for split in ("train", "val", "test") for part in ("x", "y")}
-        return {**hashing.tree_digests(arrays),
-                "shapes": {k: list(v.shape) for k, v in sorted(arrays.items())}}
+        """SHA-256/MD5 of the arrays actually used, plus their shapes; computed once per
+        ``TaskData`` (a study's members share one load; the arrays are not to be mutated)."""
+        if self._fingerprint is None:
+            arrays = {f"{split}_{part}": getattr(self, f"{split}_{part}")
+                      for split in ("train", "val", "test") for part in ("x", "y")}
+            self._fingerprint = {**hashing.tree_digests(arrays),
+                                 "shapes": {k: list(v.shape) for k, v in sorted(arrays.items())}}
+        return dict(self._fingerprint)
 
 
 class RunDirectoryError(ValueError):
@@ -573,6 +584,217 @@ def task_augmentation(config: TrainConfig, data: TaskData) -> Callable:
     return data.augment
 
 
+# ----------------------------------------------------------------------- the epoch loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Executor:
+    """How the ``members`` (k ≥ 1) of one run take their steps; :func:`run_epochs` is the loop.
+
+    A solo run is k = 1 (:func:`train_and_evaluate`); :mod:`detjax.multiseed` stacks k seeds
+    in one program. ``batches(epoch)`` lists the epoch's batch indices (host arrays:
+    ``[B]``, or ``[k, B]`` for stacked members); ``step(state, indices) -> (state, metrics)``
+    takes one step; ``scores(variables, x)`` returns ``[k, N, C]``;
+    ``update_best(best, state, improved, epoch, scores)`` gives the members whose validation
+    score improved their current weights; ``save(epoch, state, best, histories)``
+    checkpoints after ``epoch``.
+    """
+
+    members: int
+    batches: Callable[[int], list]
+    step: Callable
+    scores: Callable
+    update_best: Callable
+    save: Callable
+
+
+def _counter(value) -> int:
+    """A state counter (a scalar, or one per stacked member, all equal) as a host int."""
+    return int(np.asarray(jax.device_get(value)).reshape(-1)[0])
+
+
+def _member_means(losses: list, members: int) -> list[float]:
+    """Each member's mean loss over the epoch's steps (NaN for an epoch with no steps)."""
+    if not losses:
+        return [float("nan")] * members
+    per_step = np.asarray(jax.device_get(losses), np.float32).reshape(len(losses), members)
+    return [float(np.mean(np.ascontiguousarray(per_step[:, j]))) for j in range(members)]
+
+
+def _validate(ex: Executor, data: TaskData, config: TrainConfig, state, best: dict,
+              records: list[dict], epoch: int) -> dict:
+    """Scores every member on the validation split into its record; returns the updated best."""
+    scores = ex.scores(state.variables(), data.val_x)
+    for j, record in enumerate(records):
+        record["val"] = data.evaluate(data.val_y, scores[j])
+    previous = np.asarray(best["score"]).reshape(-1)
+    improved = [record["val"]["score"] > float(p) for record, p in zip(records, previous)]
+    if any(improved):
+        best = ex.update_best(best, state, improved, epoch, [r["val"]["score"] for r in records])
+    return best
+
+
+def run_epochs(ex: Executor, config: TrainConfig, data: TaskData, state, best: dict,
+               histories: list[list[dict]], *, bar, stop_after_epoch: int | None = None):
+    """The one epoch loop of every run; returns ``(state, best, stopped)``.
+
+    Each epoch from ``state.epoch`` on: the steps over the epoch's batch order from
+    ``state.position`` on (dispatched asynchronously: the host reads the position once per
+    epoch and the losses once at its end), the members' mean train loss (a non-finite one
+    stops the run), validation at :func:`protocol_eval_epochs` with best-validation
+    selection, then a checkpoint. ``stop_after_epoch`` ends after that epoch (``stopped``).
+    """
+    from detjax.checkpoint import kill_point
+
+    eval_epochs = set(protocol_eval_epochs(config.epochs, config.eval_every))
+    per_epoch = math.ceil(data.train_x.shape[0] / config.batch_size)
+    for epoch in range(_counter(state.epoch), config.epochs):
+        done = _counter(state.position)
+        losses = []
+        for i, indices in enumerate(ex.batches(epoch)[done:], start=done):
+            state, metrics = ex.step(state, indices)
+            kill_point("step", epoch * per_epoch + i + 1)  # test hook (DETJAX_TEST_KILL_AT)
+            losses.append(metrics["loss"])
+            bar.update(1)
+        epoch_losses = _member_means(losses, ex.members)
+        bad = [v for v in epoch_losses if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"training loss became {bad[0]} in epoch {epoch}"
+                                     + ("" if ex.members == 1 else f" for {len(bad)} of {ex.members} members"))
+        state = state.replace(epoch=state.epoch + 1, position=jnp.zeros_like(state.position))
+        lr = tx_lr(config, per_epoch, epoch)
+        records = [{"epoch": epoch, "train_loss": v, "lr": lr} for v in epoch_losses]
+        postfix = {"loss": f"{np.mean(epoch_losses):.4f}"}
+        if epoch in eval_epochs:
+            best = _validate(ex, data, config, state, best, records, epoch)
+            postfix["val"] = f"{np.mean([r['val']['score'] for r in records]):.4f}"
+        bar.set_postfix(**postfix)
+        for history, record in zip(histories, records):
+            history.append(record)
+        ex.save(epoch, state, best, histories)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            return state, best, True
+    return state, best, False
+
+
+# ----------------------------------------------------------------------- run records
+
+
+def run_result(config: TrainConfig, data: TaskData, test: Mapping[str, Any], *, best_epoch: int,
+               best_score: float, init_digests: Mapping[str, str], init_weights_sha256: str,
+               final_digests: Mapping[str, str], best_weights_sha256: str, n_params: int,
+               wall: float, run_dir: Path, **extra: Any) -> dict[str, Any]:
+    """The ``result.json`` of one run (or one member): test metrics, selection, hashes."""
+    return {
+        **{k: v for k, v in test.items() if k != "score"},
+        "test_score": test["score"],
+        "best_epoch": int(best_epoch),
+        "best_val_score": float(best_score),
+        "init_sha256": init_digests["sha256"],
+        "init_md5": init_digests["md5"],
+        "init_weights_sha256": init_weights_sha256,
+        "final_sha256": final_digests["sha256"],
+        "final_md5": final_digests["md5"],
+        "best_params_sha256": best_weights_sha256,
+        "n_params": n_params,
+        "labels": list(data.labels),
+        "epochs": config.epochs,
+        "config_hash": config.hash(),
+        "wall_time_s": wall,
+        "run_dir": str(run_dir),
+        **extra,
+    }
+
+
+def write_finished(run_dir: Path, run_manifest: dict, result: dict, *, final_digests: Mapping[str, str],
+                   history: list[dict], wall: float, **fields: Any) -> None:
+    """Closes a run directory: ``result.json``, then the finished manifest, then the event.
+
+    ``fields`` are added to the manifest and the ``finished`` event (e.g. ``execution``).
+    """
+    from detjax.checkpoint import kill_point
+
+    run_manifest.update(status="finished", final_digests=dict(final_digests), history=history,
+                        metrics={k: v for k, v in result.items() if k != "history"}, wall_time_s=wall, **fields)
+    manifest_lib.replace_record(run_dir / "result.json", result)  # keeps what it replaces
+    kill_point("final-record")  # test hook: result.json written, manifest.json not yet
+    manifest_lib.replace_record(run_dir / "manifest.json", run_manifest)
+    manifest_lib.append_event(run_dir, "finished", final_sha256=final_digests["sha256"], wall_time_s=wall,
+                              **fields)
+
+
+def start_record(run_dir: Path, run_manifest: dict, *, sidecar: Mapping[str, Any] | None,
+                 environment: dict) -> None:
+    """Writes the running manifest and the ``started`` (or ``resumed``) event of ``run_dir``.
+
+    A resumed run keeps its first start time and lists every resumption (checkpoint step,
+    state hash, environment) under ``resumed_from``.
+    """
+    previous = run_dir / "manifest.json"
+    if sidecar is not None:
+        if previous.exists():
+            earlier = json.loads(previous.read_text())
+            run_manifest["started_utc"] = earlier.get("started_utc", run_manifest["started_utc"])
+            run_manifest["resumed_from"] = list(earlier.get("resumed_from", []))
+        run_manifest.setdefault("resumed_from", []).append(
+            {"step": sidecar["step"], "state_sha256": sidecar["state_sha256"], "environment": environment})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_lib.replace_record(previous, run_manifest)
+    if sidecar is None:
+        manifest_lib.append_event(run_dir, "started", config_hash=run_manifest["config_hash"],
+                                  environment=environment)
+    else:
+        manifest_lib.append_event(run_dir, "resumed", step=sidecar["step"], state_sha256=sidecar["state_sha256"],
+                                  environment=environment)
+
+
+def plot_history(config: TrainConfig, history: list[dict], run_dir: Path) -> None:
+    """``training_curve.png`` of a finished run (skipped without the optional matplotlib)."""
+    try:
+        from detjax.plots import plot_training_curve
+    except ImportError:  # matplotlib is the optional `plots` extra
+        return
+    plot_training_curve(history, run_dir / "training_curve.png",
+                        title=f"{config.task} {config.arch} init={config.init} order={config.order}")
+
+
+# ----------------------------------------------------------------------- a solo run
+
+
+def _solo_executor(config: TrainConfig, data: TaskData, train_step, predict_batch, mesh: Mesh | None,
+                   checkpoint: Callable) -> Executor:
+    """The executor of one run: the batch is gathered on the device that holds the data inside
+    the jitted step (one dispatch per step), or cut on the host and sharded over ``mesh``."""
+    order_fn = _make_order_fn(config, data)
+    if mesh is None:
+        train_x, train_y = jax.device_put(data.train_x), jax.device_put(data.train_y)
+
+        def step(state, idx):
+            return train_step(state, jnp.asarray(idx, jnp.int32), train_x, train_y)
+    else:
+        def step(state, idx):
+            idx = np.asarray(idx, np.int32)
+            return train_step(state, {"x": data.train_x[idx], "y": data.train_y[idx], "index": idx})
+
+    def update_best(best, state, improved, epoch, scores):
+        return {"params": _host_copy(state.params), "batch_stats": _host_copy(state.batch_stats),
+                "epoch": np.array(epoch, np.int32), "score": np.array(scores[0], np.float32)}
+
+    return Executor(
+        members=1, batches=lambda epoch: _epoch_batches(order_fn(epoch), config.batch_size), step=step,
+        scores=lambda variables, x: predict(predict_batch, variables, x, config.eval_batch_size)[None],
+        update_best=update_best, save=checkpoint)
+
+
+def make_gather_step(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
+                     pos_weight: np.ndarray | None = None, augment: Callable | None = None) -> Callable:
+    """``step(state, idx, train_x, train_y)``: :func:`make_step_fn` on the batch
+    ``train_x[idx]``, gathered inside the one jitted program (state donated)."""
+    step_fn = make_step_fn(model, tx, config, pos_weight, augment)
+    return jax.jit(lambda state, idx, x, y: step_fn(state, {"x": x[idx], "y": y[idx], "index": idx}),
+                   donate_argnums=0)
+
+
 def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path, *,
                        model: nn.Module | None = None, resume: bool = True,
                        environment: dict | None = None, progress: bool = True,
@@ -594,140 +816,66 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
 
     Returns the result dictionary also written to ``result.json``.
     """
-    from detjax.checkpoint import Checkpointer, kill_point
-    from detjax.models import get_model
+    from detjax.checkpoint import Checkpointer
 
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
-    config_hash = config.hash()
-    _check_run_dir(workdir, config_hash, resume)
+    _check_run_dir(workdir, config.hash(), resume)
     finished = manifest_lib.finished_result(workdir)
     if finished is not None:  # a finished run is a record: returned as stored, never rewritten
         return finished
-    workdir.mkdir(parents=True, exist_ok=True)
-    if environment is None:
-        from detjax.determinism import environment_fingerprint
-        environment = environment_fingerprint()
-
-    if model is None:
-        model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
-                          variant=config.variant, **dict(config.model))
-    n_train = data.train_x.shape[0]
-    batches_per_epoch = math.ceil(n_train / config.batch_size)
-    tx = make_optimizer(config, batches_per_epoch)
-    weight = pos_weights(data.train_y) if config.loss == "weighted_bce" else None
+    run = prepare_run(config, data, model=model, environment=environment)
     if augment is None and config.augment:
         augment = task_augmentation(config, data)
     mesh = make_mesh(devices)
-    train_step = make_train_step(model, tx, config, weight, augment, mesh)
-    predict_batch = make_predict(model, config)
-    order_fn = _make_order_fn(config, data)
-    eval_epochs = protocol_eval_epochs(config.epochs, config.eval_every)
-
-    init_state = create_train_state(model, tx, data.train_x[:1], config.seed)
-    init_digests = hashing.tree_digests(_state_dict(init_state))
-    init_weights_sha256 = weights_sha256(_state_dict(init_state))
-    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_state.params)))
-    data_fingerprint = data.fingerprint()
-
-    run_manifest = manifest_lib.new_manifest(
-        config=config.to_dict(), config_hash=config_hash, data_fingerprint=data_fingerprint,
-        environment=environment, init_digests=init_digests, n_params=n_params,
-        data_info=data.info)
-    run_manifest["mesh"] = mesh_description(mesh)
-    run_manifest["topology"] = topology = topology_description(mesh)
+    run.manifest["mesh"] = mesh_description(mesh)
+    run.manifest["topology"] = topology = topology_description(mesh)
     # Several processes (jax.distributed): checkpoints hold host copies (replicated, the same on
     # every process), which orbax can write from a multi-process run.
-    multi_process = topology["processes"] > 1
-    run_manifest["init_weights_sha256"] = init_weights_sha256
-    run_manifest["init_assignment"] = init_assignment(model, data.train_x[:1])
-
-    checkpointer = Checkpointer(workdir / "checkpoints", config_hash=config_hash,
+    host = _host_copy if topology["processes"] > 1 else (lambda tree: tree)
+    checkpointer = Checkpointer(workdir / "checkpoints", config_hash=run.manifest["config_hash"],
                                 device_count=1 if mesh is None else mesh.size,
                                 allow_device_change=allow_device_change)
-    best = initial_best(init_state)
-    history: list[dict[str, Any]] = []
-    state = init_state
+    state, best, history = run.init_state, initial_best(run.init_state), []
     # Restore (and verify) BEFORE touching the manifest: a refused checkpoint leaves the
     # run directory exactly as it was.
-    restored = (checkpointer.restore_latest(_host_copy(_state_dict(init_state)) if multi_process
-                                            else _state_dict(init_state),
-                                            _host_copy(best) if multi_process else best)
-                if resume else None)
+    restored = checkpointer.restore_latest(host(_state_dict(state)), host(best)) if resume else None
+    sidecar = None
     if restored is not None:
         state_dict, best, sidecar = restored
         _check_topology(sidecar, topology, allow_device_change, workdir / "checkpoints")
-        state = flax.serialization.from_state_dict(init_state, state_dict)
+        state = flax.serialization.from_state_dict(state, state_dict)
         history = list(sidecar.get("history", []))
-        previous = workdir / "manifest.json"
-        if previous.exists():
-            earlier = json.loads(previous.read_text())
-            run_manifest["started_utc"] = earlier.get("started_utc", run_manifest["started_utc"])
-            run_manifest["resumed_from"] = list(earlier.get("resumed_from", []))
-        run_manifest.setdefault("resumed_from", []).append(
-            {"step": sidecar["step"], "state_sha256": sidecar["state_sha256"],
-             "environment": environment})
-    manifest_lib.replace_record(workdir / "manifest.json", run_manifest)
-    if restored is None:
-        manifest_lib.append_event(workdir, "started", config_hash=config_hash, environment=environment)
-    else:
-        manifest_lib.append_event(workdir, "resumed", step=sidecar["step"], state_sha256=sidecar["state_sha256"],
-                                  environment=environment)
+    start_record(workdir, run.manifest, sidecar=sidecar, environment=run.environment)
     state = jax.device_put(state) if mesh is None else jax.device_put(state, NamedSharding(mesh, P()))
 
-    train_x = jax.device_put(data.train_x) if mesh is None else None
-    train_y = jax.device_put(data.train_y) if mesh is None else None
-    gather = jax.jit(lambda a, idx: a[idx])
-
-    start_epoch = int(state.epoch)
-    bar = _progress(total=config.epochs * batches_per_epoch, initial=int(state.step), enabled=progress,
-                    desc=f"{config.arch}/{config.init}")
-    metrics = None
-    for epoch in range(start_epoch, config.epochs):
-        order = order_fn(epoch)
-        losses = []
-        for i, idx in enumerate(_epoch_batches(order, config.batch_size)):
-            if i < int(state.position):
-                continue
-            if mesh is None:  # gather on the device that holds the data
-                idx_dev = jnp.asarray(idx, jnp.int32)
-                batch = {"x": gather(train_x, idx_dev), "y": gather(train_y, idx_dev), "index": idx_dev}
-            else:  # the step shards the host batch over the mesh
-                idx = np.asarray(idx, np.int32)
-                batch = {"x": data.train_x[idx], "y": data.train_y[idx], "index": idx}
-            state, metrics = train_step(state, batch)
-            kill_point("step", epoch * batches_per_epoch + i + 1)  # test hook (DETJAX_TEST_KILL_AT)
-            losses.append(metrics["loss"])
-            bar.update(1)
-        epoch_loss = float(np.mean(jax.device_get(losses))) if losses else float("nan")
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"training loss became {epoch_loss} in epoch {epoch}")
-        state = state.replace(epoch=state.epoch + 1, position=jnp.int32(0))
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": epoch_loss,
-                                  "lr": float(tx_lr(config, batches_per_epoch, epoch))}
-        if epoch in eval_epochs:
-            scores = predict(predict_batch, state.variables(), data.val_x, config.eval_batch_size)
-            val = data.evaluate(data.val_y, scores)
-            record["val"] = val
-            if val["score"] > float(best["score"]):
-                best = {"params": _host_copy(state.params), "batch_stats": _host_copy(state.batch_stats),
-                        "epoch": np.array(epoch, np.int32), "score": np.array(val["score"], np.float32)}
-            bar.set_postfix(loss=f"{epoch_loss:.4f}", val=f"{val['score']:.4f}")
-        else:
-            bar.set_postfix(loss=f"{epoch_loss:.4f}")
-        history.append(record)
-        saved = checkpointer.save(epoch + 1, _host_copy(_state_dict(state)) if multi_process else _state_dict(state),
-                                  _host_copy(best) if multi_process else best,
-                                  {"history": history, "topology": topology})
+    def checkpoint(epoch, state, best, histories):
+        saved = checkpointer.save(epoch + 1, host(_state_dict(state)), host(best),
+                                  {"history": histories[0], "topology": topology})
         manifest_lib.append_event(workdir, "checkpoint", step=epoch + 1, state_sha256=saved["state_sha256"],
                                   best_sha256=saved["best_sha256"])
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            bar.close()
-            checkpointer.close()
-            return {"stopped_after_epoch": epoch}
-    bar.close()
-    checkpointer.close()
 
+    if mesh is None:
+        train_step = make_gather_step(run.model, run.tx, config, run.pos_weight, augment)
+    else:
+        train_step = make_train_step(run.model, run.tx, config, run.pos_weight, augment, mesh)
+    predict_batch = make_predict(run.model, config)
+    ex = _solo_executor(config, data, train_step, predict_batch, mesh, checkpoint)
+    bar = _progress(total=config.epochs * run.batches_per_epoch, initial=_counter(state.step), enabled=progress,
+                    desc=f"{config.arch}/{config.init}")
+    with bar, checkpointer:
+        state, best, stopped = run_epochs(ex, config, data, state, best, [history], bar=bar,
+                                          stop_after_epoch=stop_after_epoch)
+    if stopped:
+        return {"stopped_after_epoch": _counter(state.epoch) - 1}
+    return _finish_solo(run, config, data, state, best, history, predict_batch, workdir,
+                        time.perf_counter() - t_start)
+
+
+def _finish_solo(run: "PreparedRun", config: TrainConfig, data: TaskData, state: TrainState, best: dict,
+                 history: list[dict], predict_batch, workdir: Path, elapsed: float) -> dict[str, Any]:
+    """Tests the best-validation weights and writes the finished run's records."""
+    t_start = time.perf_counter()
     final_digests = hashing.tree_digests(_state_dict(state))
     best_variables = {"params": best["params"]}
     if best["batch_stats"]:
@@ -738,41 +886,69 @@ def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path,
     if data.post_evaluate is not None:
         extra = data.post_evaluate(
             lambda x: predict(predict_batch, best_variables, np.asarray(x), config.eval_batch_size), test_scores)
-    wall = time.perf_counter() - t_start
-
-    result = {
-        **{k: v for k, v in test.items() if k != "score"},
-        "test_score": test["score"],
-        "best_epoch": int(best["epoch"]),
-        "best_val_score": float(best["score"]),
-        "init_sha256": init_digests["sha256"],
-        "init_md5": init_digests["md5"],
-        "init_weights_sha256": init_weights_sha256,
-        "final_sha256": final_digests["sha256"],
-        "final_md5": final_digests["md5"],
-        "best_params_sha256": hashing.tree_sha256({"params": best["params"],
-                                                   "batch_stats": best["batch_stats"]}),
-        "n_params": n_params,
-        "labels": list(data.labels),
-        "epochs": config.epochs,
-        "config_hash": config_hash,
-        "wall_time_s": wall,
-        "run_dir": str(workdir),
-        **extra,
-    }
-    run_manifest.update(status="finished", final_digests=final_digests, metrics=result,
-                        history=history, wall_time_s=wall)
-    manifest_lib.replace_record(workdir / "result.json", result)
-    kill_point("final-record")  # test hook: result.json written, manifest.json not yet
-    manifest_lib.replace_record(workdir / "manifest.json", run_manifest)
-    manifest_lib.append_event(workdir, "finished", final_sha256=final_digests["sha256"], wall_time_s=wall)
-    try:
-        from detjax.plots import plot_training_curve
-        plot_training_curve(history, workdir / "training_curve.png",
-                            title=f"{config.task} {config.arch} init={config.init} order={config.order}")
-    except ImportError:  # matplotlib is the optional `plots` extra
-        pass
+    wall = elapsed + time.perf_counter() - t_start
+    result = run_result(
+        config, data, test, best_epoch=int(best["epoch"]), best_score=float(best["score"]),
+        init_digests=run.init_digests, init_weights_sha256=run.init_weights_sha256, final_digests=final_digests,
+        best_weights_sha256=hashing.tree_sha256({"params": best["params"], "batch_stats": best["batch_stats"]}),
+        n_params=run.n_params, wall=wall, run_dir=workdir, **extra)
+    write_finished(workdir, run.manifest, result, final_digests=final_digests, history=history, wall=wall)
+    plot_history(config, history, workdir)
     return result
+
+
+@dataclasses.dataclass
+class PreparedRun:
+    """What every run of ``config`` on ``data`` needs before its first step (see :func:`prepare_run`)."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    pos_weight: np.ndarray | None
+    batches_per_epoch: int
+    init_state: TrainState
+    init_digests: dict
+    init_weights_sha256: str
+    n_params: int
+    environment: dict
+    manifest: dict
+
+
+def prepare_run(config: TrainConfig, data: TaskData, *, model: nn.Module | None = None,
+                environment: dict | None = None) -> PreparedRun:
+    """The model, optimiser, class weights, initial state and its hashes, and the running
+    manifest (config, data fingerprint, environment, init hashes and per-layer assignment)."""
+    from detjax.models import get_model
+
+    if environment is None:
+        from detjax.determinism import environment_fingerprint
+        environment = environment_fingerprint()
+    if model is None:
+        model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
+                          variant=config.variant, **dict(config.model))
+    batches_per_epoch = math.ceil(data.train_x.shape[0] / config.batch_size)
+    tx = make_optimizer(config, batches_per_epoch)
+    init_state = create_train_state(model, tx, data.train_x[:1], config.seed)
+    init_dict = _state_dict(init_state)
+    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_state.params)))
+    run_manifest = new_run_manifest(config, data, environment, init_dict, n_params,
+                                    init_assignment(model, data.train_x[:1]))
+    return PreparedRun(model=model, tx=tx, batches_per_epoch=batches_per_epoch,
+                       pos_weight=pos_weights(data.train_y) if config.loss == "weighted_bce" else None,
+                       init_state=init_state, init_digests=run_manifest["init_digests"],
+                       init_weights_sha256=run_manifest["init_weights_sha256"], n_params=n_params,
+                       environment=environment, manifest=run_manifest)
+
+
+def new_run_manifest(config: TrainConfig, data: TaskData, environment: dict, init_dict: dict, n_params: int,
+                     assignment: list[dict[str, Any]]) -> dict[str, Any]:
+    """The running manifest of one run (or member) from its initial state dict."""
+    run_manifest = manifest_lib.new_manifest(
+        config=config.to_dict(), config_hash=config.hash(), data_fingerprint=data.fingerprint(),
+        environment=environment, init_digests=hashing.tree_digests(init_dict), n_params=n_params,
+        data_info=data.info)
+    run_manifest["init_weights_sha256"] = weights_sha256(init_dict)
+    run_manifest["init_assignment"] = assignment
+    return run_manifest
 
 
 def tx_lr(config: TrainConfig, steps_per_epoch: int, epoch: int) -> float:

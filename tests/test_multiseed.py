@@ -109,3 +109,28 @@ def test_bad_arguments_are_named(data, tmp_path, seeds, mode, message):
 def test_augmenting_config_needs_a_seeded_augmentation(data, tmp_path):
     with pytest.raises(ValueError, match="seeded augmentation"):
         multiseed.train_seeds(small_config(augment=True), data, [1], tmp_path, progress=False)
+
+
+def test_member_directories_follow_the_run_directory_rules(data, tmp_path):
+    """A member directory holding another config is refused before any training, and a member
+    finished before its group ran keeps its record byte for byte."""
+    from detjax.train import RunDirectoryError
+
+    other = tmp_path / "other"
+    train_and_evaluate(small_config(epochs=1), data, other, progress=False)
+    with pytest.raises(RunDirectoryError, match="config hash"):
+        multiseed.train_seeds(small_config(), data, SEEDS, tmp_path / "g1", mode="map", progress=False,
+                              member_dirs=[other, tmp_path / "fresh"])
+    assert not (tmp_path / "fresh").exists() and not (tmp_path / "g1").exists()
+
+    done = tmp_path / "done"
+    alone = train_and_evaluate(multiseed.member_config(small_config(), SEEDS[0]), data, done, progress=False)
+    before = {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()}
+    results = multiseed.train_seeds(small_config(), data, SEEDS, tmp_path / "g2", mode="map", progress=False,
+                                    member_dirs=[done, tmp_path / "new"])
+    assert results[0]["final_sha256"] == alone["final_sha256"]
+    assert {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()} == before
+    assert (tmp_path / "new" / "result.json").exists()
+    with pytest.raises(RunDirectoryError, match="finished run"):  # without resume: never overwritten
+        multiseed.train_seeds(small_config(), data, SEEDS, tmp_path / "g3", mode="map", progress=False,
+                              member_dirs=[tmp_path / "x", tmp_path / "new"], resume=False)

@@ -264,3 +264,40 @@ def test_a_run_whose_validation_never_improves_keeps_its_initial_weights_as_best
     result = train_and_evaluate(config, never, tmp_path / "run", progress=False, environment={"test": True})
     assert result["best_epoch"] == -1
     assert result["final_sha256"] != result["init_sha256"]  # it trained; the test used the initial weights
+
+
+def test_the_epoch_loop_reads_nothing_back_from_the_device_per_batch(tmp_path, monkeypatch):
+    """No implicit scalar read of a device array (``int(state.position)``, ``float(loss)``: each
+    one waits for the device) per batch: the steps are dispatched back to back; counters
+    and losses are fetched explicitly, once per epoch. (A transfer guard would not see these on
+    the CPU, where device memory is host memory, so the scalar conversions are counted.)"""
+    from jax._src.array import ArrayImpl
+
+    from detjax import train
+
+    config = small_config(epochs=2, batch_size=8)
+    data = tasks.load_task(config)
+    run = train.prepare_run(config, data, environment={})
+    step = train.make_gather_step(run.model, run.tx, config, run.pos_weight)
+    saved = []
+    ex = train._solo_executor(config, data, step, train.make_predict(run.model, config), None,
+                              lambda epoch, state, best, histories: saved.append(epoch))
+    ex = train.Executor(members=1, batches=ex.batches, step=ex.step, update_best=ex.update_best, save=ex.save,
+                        scores=lambda variables, x: np.zeros((1, x.shape[0], len(data.labels)), np.float32))
+
+    class Bar:
+        def update(self, n): pass
+        def set_postfix(self, **kw): pass
+
+    reads = []
+    for name in ("__int__", "__float__", "__index__", "__bool__"):
+        original = getattr(ArrayImpl, name)
+        monkeypatch.setattr(ArrayImpl, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    history = []
+    state, best, stopped = train.run_epochs(ex, config, data, jax.device_put(run.init_state),
+                                            train.initial_best(run.init_state), [history], bar=Bar())
+    monkeypatch.undo()
+    # the learning rate of the history is read once per epoch; nothing per batch
+    assert len(reads) <= config.epochs, reads
+    assert not stopped and saved == [0, 1] and [r["epoch"] for r in history] == [0, 1]
+    assert int(jax.device_get(state.step)) == 2 * math.ceil(data.train_x.shape[0] / 8)

@@ -217,9 +217,18 @@ def _rerun_final_state(out: Path):
     return _restore_final(out, manifest, TrainConfig.from_dict(manifest["config"]))[0]
 
 
-def cmd_verify(args) -> int:
+class _VerifyStop(Exception):
+    """Ends ``verify`` early with exit status ``code`` (its ``error:`` line already printed)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _check_verify_args(args) -> Path:
+    """Validates ``verify``'s arguments before any work; the absolute run directory.
+    Raises :class:`~detjax.cli.UsageError` or :class:`FileNotFoundError`."""
     from detjax.cli import UsageError, check_out_dir
-    from detjax.manifest import read_manifest
 
     run_dir = Path(args.run_dir).absolute()
     if not run_dir.is_dir():
@@ -232,15 +241,23 @@ def cmd_verify(args) -> int:
     if not (run_dir / "manifest.json").exists():
         raise FileNotFoundError(f"{run_dir / 'manifest.json'} does not exist: {run_dir} is not a detjax run "
                                 "directory")
+    return run_dir
+
+
+def _verifiable_manifest(run_dir: Path) -> dict:
+    """The manifest of ``run_dir`` when it is a finished solo run; :class:`_VerifyStop` otherwise
+    (corrupt manifest: exit 3; unfinished run or multi-seed member: exit 2)."""
+    from detjax.manifest import read_manifest
+
     try:
         manifest = read_manifest(run_dir)
     except ValueError as exc:
         print(f"error: stored files corrupt: {exc}", file=sys.stderr)
-        return EXIT_CORRUPT
+        raise _VerifyStop(EXIT_CORRUPT) from None
     if manifest.get("status") != "finished":
         print(f"error: {run_dir} holds an unfinished run (status {manifest.get('status')!r}); "
               "finish it with --resume before verifying", file=sys.stderr)
-        return EXIT_ERROR
+        raise _VerifyStop(EXIT_ERROR)
     execution = manifest.get("execution") or {}
     if execution.get("mode") in ("vmap", "map", "unroll"):
         # A member of a multi-seed program may sum in another order than a solo run
@@ -249,9 +266,13 @@ def cmd_verify(args) -> int:
               "its bits are the group's, not necessarily a solo run's. Re-train the group with "
               "detjax.multiseed.train_seeds(config, data, seeds, mode=...) and compare the hashes, or train "
               "studies with --mode sequential, whose members verify as solo runs", file=sys.stderr)
-        return EXIT_ERROR
+        raise _VerifyStop(EXIT_ERROR)
+    return manifest
 
-    # 1. What is stored: the final state and best weights against sidecar, manifest and result.
+
+def _verify_stored_files(run_dir: Path, manifest: dict):
+    """Step 1, what is stored: :func:`check_stored_files`, reported; ``(config, stored state)``.
+    :class:`_VerifyStop` (exit 3, each mismatch listed) when the files are corrupt."""
     print(f"checking the stored files of {run_dir} ...", flush=True)
     try:
         config, stored_state = check_stored_files(run_dir, manifest)
@@ -260,33 +281,60 @@ def cmd_verify(args) -> int:
             print(f"corrupt: {' '.join(problem.split())}", file=sys.stderr)
         print(f"error: stored files corrupt: {len(exc.problems)} mismatch(es) in {run_dir} (listed above); "
               "nothing was re-run", file=sys.stderr)
-        return EXIT_CORRUPT
+        raise _VerifyStop(EXIT_CORRUPT) from None
     expected = manifest["final_digests"]["sha256"]
     print(f"stored files intact: final checkpoint, best weights, manifest.json and result.json agree "
           f"(final sha256 {expected[:16]}...)", flush=True)
+    return config, stored_state
 
-    # 2. What is reproducible: the recorded config re-run in a fresh process.
+
+def _rerun_placement(manifest: dict) -> list[str]:
+    """The ``--cpu-threads`` / ``--devices`` flags that repeat the recorded thread and device
+    counts (for the re-run and the environment check)."""
     recorded_threads = manifest["environment"].get("determinism", {}).get("cpu_threads")
+    placement = ["--cpu-threads", str(recorded_threads)] if recorded_threads else []
+    recorded_devices = manifest.get("mesh", {}).get("devices", 1)
+    if recorded_devices > 1:
+        placement += ["--devices", str(recorded_devices)]
+    return placement
+
+
+def _rerun_config(args, run_dir: Path, manifest: dict, config, config_path: Path, out: Path,
+                  placement: list[str]) -> dict:
+    """``python -m detjax run`` of ``config_path`` into ``out`` in a fresh process; its result
+    line. Its stderr (progress bar, any error) passes through; :class:`_VerifyStop` (exit 2)
+    when it fails."""
+    cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), *placement]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    print(f"re-running {run_dir.name} (config {manifest['config_hash'][:12]}, {config.epochs} epochs) in a "
+          "fresh process ...", flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        print(f"error: the re-run failed (exit status {proc.returncode}; its message is above)", file=sys.stderr)
+        raise _VerifyStop(EXIT_ERROR)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _environment_differences(manifest: dict, placement: list[str]) -> list[str]:
+    """The fingerprint keys in which ``python -m detjax env`` (same placement) differs from
+    the recorded environment."""
+    env_now = json.loads(subprocess.run([sys.executable, "-m", "detjax", "env", *placement],
+                                        stdout=subprocess.PIPE, text=True).stdout)
+    return sorted(k for k in set(env_now) | set(manifest["environment"])
+                  if env_now.get(k) != manifest["environment"].get(k))
+
+
+def _rerun_and_compare(args, run_dir: Path, manifest: dict, config, stored_state) -> dict:
+    """Step 2, what is reproducible: the recorded config re-run in a fresh process (in
+    ``--out`` or a temporary folder); the report comparing its final state with the stored one."""
+    expected = manifest["final_digests"]["sha256"]
+    placement = _rerun_placement(manifest)
     with tempfile.TemporaryDirectory(prefix="detjax-verify-") as tmp:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(manifest["config"]))
         out = Path(args.out).absolute() if args.out else Path(tmp) / "rerun"
-        # The re-run and the environment check use the recorded thread and device counts.
-        placement = ["--cpu-threads", str(recorded_threads)] if recorded_threads else []
-        recorded_devices = manifest.get("mesh", {}).get("devices", 1)
-        if recorded_devices > 1:
-            placement += ["--devices", str(recorded_devices)]
-        cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), *placement]
-        if args.no_progress:
-            cmd.append("--no-progress")
-        print(f"re-running {run_dir.name} (config {manifest['config_hash'][:12]}, {config.epochs} epochs) in a "
-              "fresh process ...", flush=True)
-        # stderr (the progress bar, any error) passes through; stdout carries the result line.
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            print(f"error: the re-run failed (exit status {proc.returncode}; its message is above)", file=sys.stderr)
-            return EXIT_ERROR
-        rerun = json.loads(proc.stdout.strip().splitlines()[-1])
+        rerun = _rerun_config(args, run_dir, manifest, config, config_path, out, placement)
         report = {"run_dir": str(run_dir), "expected_final_sha256": expected,
                   "rerun_final_sha256": rerun["final_sha256"],
                   "identical": rerun["final_sha256"] == expected,
@@ -295,11 +343,20 @@ def cmd_verify(args) -> int:
             from detjax import hashing
 
             report["first_difference"] = hashing.first_difference(stored_state, _rerun_final_state(out))
-        env_now = json.loads(subprocess.run([sys.executable, "-m", "detjax", "env", *placement],
-                                            stdout=subprocess.PIPE, text=True).stdout)
-        changed = sorted(k for k in set(env_now) | set(manifest["environment"])
-                         if env_now.get(k) != manifest["environment"].get(k))
-        report["environment_differences"] = changed
+        report["environment_differences"] = _environment_differences(manifest, placement)
+    return report
+
+
+def cmd_verify(args) -> int:
+    """``verify``: checks the stored files, then re-runs the recorded config and compares the
+    final hashes (exit statuses in the module docstring)."""
+    run_dir = _check_verify_args(args)
+    try:
+        manifest = _verifiable_manifest(run_dir)
+        config, stored_state = _verify_stored_files(run_dir, manifest)
+        report = _rerun_and_compare(args, run_dir, manifest, config, stored_state)
+    except _VerifyStop as stop:
+        return stop.code
     print(json.dumps(report, indent=2))
     if report["identical"]:
         print("identical")
@@ -316,11 +373,9 @@ def cmd_env(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from detjax.cli import DEFAULT_DEVICES, add_device_flags, positive_int
+    from detjax.cli import DEFAULT_DEVICES, add_device_flags, positive_int, subcommand_parser
 
-    parser = argparse.ArgumentParser(prog="python -m detjax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = subcommand_parser("python -m detjax", __doc__)
     run = sub.add_parser("run", help="train a config file under the deterministic configuration")
     run.add_argument("config", help="JSON file with a TrainConfig dict or a run's manifest.json")
     run.add_argument("--out", required=True, help="run directory to create (or resume)")

@@ -324,9 +324,9 @@ def canary(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detjax.ci", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from detjax.cli import subcommand_parser
+
+    parser, sub = subcommand_parser("python -m detjax.ci", __doc__)
     c = sub.add_parser("canary", help="only the colliding scatter-add canary, in this process")
     c.add_argument("--deterministic", type=int, choices=[0, 1], default=1)
     c.add_argument("--repeats", type=int, default=10)

@@ -22,12 +22,17 @@ class UsageError(ValueError):
     """A bad command-line value (reported as one ``error:`` line, exit status 2)."""
 
 
+def _int_arg(text: str, kind: str) -> int:
+    """``int(text)``, or :class:`argparse.ArgumentTypeError` expecting a ``kind`` integer."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    value = _int_arg(text, "positive")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
     return value
@@ -35,10 +40,7 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    value = _int_arg(text, "non-negative")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
@@ -61,6 +63,14 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def subcommand_parser(prog: str, description: str | None) -> tuple[argparse.ArgumentParser, Any]:
+    """``(parser, subparsers)``: a parser for ``prog`` whose ``description`` keeps its line
+    breaks, and its required sub-commands (the chosen one in ``args.command``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
 
 def error_exit(message: str, code: int = 2):

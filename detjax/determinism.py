@@ -337,17 +337,47 @@ def configure(
     """
     global _applied
     cores = _target_cores(cpu_cores, cpu_threads)
+    wanted = _wanted_flags(deterministic, cpu_threads, extra_xla_flags)
+    applied, skipped = _probe_flags(wanted, check_flags, cache_dir)
+    _set_or_confirm_process(applied, cores)
+    nccl = _start_backend(deterministic, skipped)
+    _applied = {
+        "deterministic": bool(deterministic),
+        "xla_flags_applied": applied,
+        "xla_flags_skipped": skipped,
+        "flags_probed": bool(check_flags),
+        "cpu_threads": cpu_threads,
+        "cpu_cores": cores,
+        "jax_settings": dict(JAX_SETTINGS),
+        "nccl_env_set": nccl,
+    }
+    return environment_fingerprint()
+
+
+def _wanted_flags(deterministic: bool, cpu_threads: int | None, extra_xla_flags: Iterable[str]) -> list[str]:
+    """The ``XLA_FLAGS`` entries :func:`configure` wants, in order, without repeats."""
     wanted = list(DETERMINISTIC_XLA_FLAGS) if deterministic else []
     if cpu_threads == 1:
         wanted += SINGLE_THREAD_CPU_FLAGS
-    wanted = list(dict.fromkeys([*wanted, *extra_xla_flags]))
+    return list(dict.fromkeys([*wanted, *extra_xla_flags]))
+
+
+def _probe_flags(wanted: list[str], check_flags: bool,
+                 cache_dir: str | os.PathLike | None) -> tuple[list[str], list[dict]]:
+    """``(applied, skipped)``: the ``wanted`` flags the installed XLA accepts, and the others
+    as ``{"flag", "reason"}`` (all accepted, unprobed, when ``check_flags`` is false)."""
     if check_flags:
         probes = probe_xla_flags(wanted, cache_dir=cache_dir)
     else:
         probes = {t: FlagProbe(True, "not probed (check_flags=False)") for t in wanted}
     applied = [t for t in wanted if probes[t].accepted]
     skipped = [{"flag": t, "reason": probes[t].detail} for t in wanted if not probes[t].accepted]
+    return applied, skipped
 
+
+def _set_or_confirm_process(applied: list[str], cores: list[int] | None) -> None:
+    """Before the backend starts: merges ``applied`` into ``XLA_FLAGS`` and pins the process
+    to ``cores``. After: only confirms both are already in effect (:func:`_refuse` otherwise)."""
     current = _parse_flags(os.environ.get("XLA_FLAGS", ""))
     if backend_initialized():
         in_effect = _flag_values(current)
@@ -371,6 +401,10 @@ def configure(
             except OSError as err:
                 raise ValueError(f"cannot pin the process to cpu_cores {cores}: {err}") from err
 
+
+def _start_backend(deterministic: bool, skipped: list[dict]) -> dict:
+    """Pins :data:`JAX_SETTINGS`, starts the backend, fails closed on a GPU without
+    deterministic kernels and pins NCCL; returns what :func:`_pin_nccl` set."""
     import jax
 
     for name, value in JAX_SETTINGS.items():
@@ -379,18 +413,7 @@ def configure(
     if deterministic:
         require_deterministic_gpu_flags(platform_name, _parse_flags(os.environ.get("XLA_FLAGS", "")),
                                         skipped)
-    nccl = _pin_nccl(platform_name, n_devices)
-    _applied = {
-        "deterministic": bool(deterministic),
-        "xla_flags_applied": applied,
-        "xla_flags_skipped": skipped,
-        "flags_probed": bool(check_flags),
-        "cpu_threads": cpu_threads,
-        "cpu_cores": cores,
-        "jax_settings": dict(JAX_SETTINGS),
-        "nccl_env_set": nccl,
-    }
-    return environment_fingerprint()
+    return _pin_nccl(platform_name, n_devices)
 
 
 def _platform_and_count() -> tuple[str, int]:

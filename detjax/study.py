@@ -125,15 +125,23 @@ def member_dir(out: Path, arm: str, seed: int) -> Path:
     return Path(out) / arm / f"seed-{int(seed)}"
 
 
+def _stored_record(out: Path, spec: StudySpec, arm: str, seed: int, name: str) -> tuple[Path, dict, str] | None:
+    """``(path, record, expected config hash)`` of the member's JSON record ``name``;
+    ``None`` when the member has not written it."""
+    path = member_dir(out, arm, seed) / name
+    if not path.exists():
+        return None
+    return path, json.loads(path.read_text()), member_config(spec, arm, seed).hash()
+
+
 def _finished(out: Path, spec: StudySpec, arm: str, seed: int) -> dict | None:
     """The member's result if it finished with this config; ``None`` if it has not finished."""
     if spec.cv:
         return _finished_cv(out, spec, arm, seed)
-    path = member_dir(out, arm, seed) / "result.json"
-    if not path.exists():
+    stored = _stored_record(out, spec, arm, seed, "result.json")
+    if stored is None:
         return None
-    result = json.loads(path.read_text())
-    expected = member_config(spec, arm, seed).hash()
+    path, result, expected = stored
     if result.get("config_hash") != expected:
         raise StudyError(f"{path} was trained with config hash {result.get('config_hash')}, not {expected}: "
                          "this directory holds another study; nothing was overwritten. Choose another --out")
@@ -146,11 +154,10 @@ def _finished_cv(out: Path, spec: StudySpec, arm: str, seed: int) -> dict | None
     the final hash is the SHA-256 of the K final hashes in split order."""
     import hashlib
 
-    path = member_dir(out, arm, seed) / "cv.json"
-    if not path.exists():
+    stored = _stored_record(out, spec, arm, seed, "cv.json")
+    if stored is None:
         return None
-    cv = json.loads(path.read_text())
-    expected = member_config(spec, arm, seed).hash()
+    path, cv, expected = stored
     if TrainConfig.from_dict(cv["base_config"]).hash() != expected or cv.get("k") != spec.cv:
         raise StudyError(f"{path} holds a CV run of another config or K; this directory holds another study; "
                          "nothing was overwritten. Choose another --out")

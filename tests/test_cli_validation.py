@@ -8,17 +8,14 @@ run as real subprocesses, to check the exit status, stderr and the time to refus
 """
 
 import importlib.util
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import REPO, cli_env
 
 import detjax.cli
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
@@ -165,7 +162,7 @@ def test_valid_arguments_pass_validation(clis, paths, monkeypatch):
     ["-m", "detjax", "run", "tests/test_cli_validation.py", "--out", "/nonexistent-root/x", "--resume"],
 ])
 def test_refusals_in_a_fresh_process_are_one_line_and_fast(argv):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = cli_env()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=120)

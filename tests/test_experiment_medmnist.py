@@ -1,9 +1,6 @@
 """`experiments/medmnist.py` and the medmnist task: one epoch on a tiny subset, twice."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,31 +8,16 @@ import pytest
 from detjax import tasks
 from detjax.train import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+# The fixture two_runs (tests/conftest.py) runs SCRIPT with ARGS twice, sharing the session's
+# XLA compilation cache with the other runs.
+SCRIPT, TWO_RUNS_DIR = "medmnist.py", "medmnist"
 ARGS = ["--flag", "breastmnist", "--init", "dct", "--epochs", "1", "--limit", "32", "--batch-size", "16",
         "--cpu-threads", "1", "--no-progress"]
 
 
-def _run(out, *extra):
-    # Shares the session's XLA compilation cache (tests/conftest.py) with the other runs.
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "medmnist.py"), *ARGS, "--out", str(out),
-                           *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=900)
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("medmnist")
-    results = []
-    for name in ("first", "second"):
-        proc = _run(base / name)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.append((base / name, json.loads((base / name / "result.json").read_text())))
-    return results
-
-
 def test_cli_outputs_and_identical_hashes(two_runs):
-    (a, ra), (b, rb) = two_runs
+    (a, _), (b, _) = two_runs
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
     for name in ("result.json", "manifest.json", "training_curve.png", "checkpoints"):
         assert (a / name).exists(), name
     assert ra["n_params"] == 11_168_706

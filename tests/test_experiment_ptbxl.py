@@ -1,33 +1,18 @@
 """`experiments/ptbxl.py` end to end on a tiny subset of the vendored sample, twice."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+from conftest import run_experiment
 
-REPO = Path(__file__).resolve().parents[1]
+# The fixture two_runs (tests/conftest.py) runs SCRIPT with ARGS twice, sharing the session's
+# XLA compilation cache: the second run loads the compiled program (same executable, same bits).
+SCRIPT, TWO_RUNS_DIR = "ptbxl.py", "ptbxl"
 ARGS = ["--arch", "conformer", "--init", "mixed", "--epochs", "1", "--limit", "24", "--batch-size", "8",
         "--cpu-threads", "1", "--no-progress"]
 
 
 def _run(out, *extra):
-    # The processes share the session's XLA compilation cache (tests/conftest.py): the second
-    # one loads the compiled program instead of recompiling (same executable, same bits).
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "ptbxl.py"), *ARGS, "--out", str(out), *extra],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ptbxl")
-    runs = []
-    for name in ("first", "second"):
-        proc = _run(base / name)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append((base / name, proc.stdout))
-    return runs
+    return run_experiment(SCRIPT, *ARGS, "--out", out, *extra)
 
 
 def test_cli_writes_the_expected_files(two_runs):
@@ -66,8 +51,7 @@ def test_existing_run_directory_is_refused(two_runs, tmp_path):
 
 
 def test_bad_data_dir_gives_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "ptbxl.py"), "--data-dir",
-                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--epochs", "1"],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    proc = run_experiment(SCRIPT, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "out", "--epochs", "1",
+                          timeout=300)
     assert proc.returncode == 2
     assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr

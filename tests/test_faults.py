@@ -22,41 +22,22 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_env, detjax_cli, detjax_train, result_line
 
 from detjax import manifest as manifest_lib
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"task": "synthetic",
           "data": {"n_train": 40, "n_val": 24, "n_test": 24, "length": 64, "leads": 3, "num_classes": 4, "seed": 1},
           "arch": "tiny", "init": "mixed", "epochs": 3, "batch_size": 16, "eval_every": 1}
 STEPS_PER_EPOCH = 3  # ceil(40 / 16)
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("DETJAX_TEST_KILL_AT", None)
-    env.update(extra)
-    return env
-
-
-def _detjax(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "detjax", *map(str, args)], cwd=REPO, env=env or _env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
-
-
-def _run(config_path, out, *extra, env=None):
-    return _detjax("run", config_path, "--out", out, "--no-progress", "--cpu-threads", "1", *extra, env=env)
-
-
 def _final_sha(proc) -> str:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["final_sha256"]
+    return result_line(proc)["final_sha256"]
 
 
 def _assert_quiet_error(proc, code=2):
@@ -74,25 +55,12 @@ def _snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+# config_path, reference_run and copy_of come from tests/conftest.py (this module's CONFIG).
 @pytest.fixture(scope="module")
-def config_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults-cfg") / "config.json"
-    path.write_text(json.dumps(CONFIG))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(config_path, tmp_path_factory):
-    """An uninterrupted run: ``(run_dir, final_sha256)``."""
-    out = tmp_path_factory.mktemp("faults-ref") / "run"
-    return out, _final_sha(_run(config_path, out))
-
-
-@pytest.fixture
-def copy_of(reference, tmp_path):
-    def make(name="copy"):
-        return Path(shutil.copytree(reference[0], tmp_path / name))
-    return make
+def reference(reference_run):
+    """The uninterrupted reference run as ``(run_dir, final_sha256)``."""
+    run_dir, result = reference_run
+    return run_dir, result["final_sha256"]
 
 
 # ----------------------------------------------------------------- records and resume
@@ -118,7 +86,7 @@ def test_records_are_created_with_the_umask_and_keep_their_history(reference):
 def test_resume_of_a_finished_run_changes_nothing(reference, config_path):
     run_dir, final = reference
     before = _snapshot(run_dir)
-    proc = _run(config_path, run_dir, "--resume")
+    proc = detjax_train(config_path, run_dir, "--resume")
     assert _final_sha(proc) == final
     assert "already complete" in proc.stdout and "nothing was changed" in proc.stdout
     assert _snapshot(run_dir) == before  # same bytes, same mtimes, same modes
@@ -222,7 +190,7 @@ def test_a_deleted_sidecar_a_truncated_chunk_and_a_foreign_checkpoint_are_named(
 def test_verify_exits_3_on_corrupt_files_without_re_running(reference, copy_of):
     broken = copy_of("verify-corrupt")
     _flip(_largest_chunk(broken / "checkpoints/3/best"))
-    proc = _detjax("verify", broken)
+    proc = detjax_cli("verify", broken)
     line = _assert_quiet_error(proc, code=3)
     assert "stored files corrupt" in line and "re-running" not in proc.stdout
     assert "checkpoints/3/best" in proc.stderr
@@ -233,7 +201,7 @@ def test_verify_of_a_truncated_chunk_is_one_line_and_nothing_follows(reference, 
     broken = copy_of("verify-truncated")
     chunk = _largest_chunk(broken / "checkpoints/3/state")
     chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])
-    proc = _detjax("verify", broken)
+    proc = detjax_cli("verify", broken)
     line = _assert_quiet_error(proc, code=3)
     assert "stored files corrupt" in line and "checkpoints/3" in proc.stderr
 
@@ -288,7 +256,7 @@ def test_a_corrupt_checkpoint_names_the_intact_one_and_the_advice_works(referenc
     chunk = _largest_chunk(broken / "checkpoints/3/state")
     chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])  # a truncated chunk
     before = _snapshot(broken)
-    proc = _run(config_path, broken, "--resume")
+    proc = detjax_train(config_path, broken, "--resume")
     line = _assert_quiet_error(proc)
     assert str(broken / "checkpoints" / "3") in line and str(broken / "checkpoints" / "2") in line, line
     assert "is intact" in line and "mv " in line and "--resume" in line, line
@@ -296,7 +264,7 @@ def test_a_corrupt_checkpoint_names_the_intact_one_and_the_advice_works(referenc
     assert _snapshot(broken) == before  # a refusal changes nothing
     # Follow the advice: move the corrupt checkpoint aside and resume.
     shutil.move(broken / "checkpoints" / "3", broken / "corrupt-checkpoint-3")
-    assert _final_sha(_run(config_path, broken, "--resume")) == final
+    assert _final_sha(detjax_train(config_path, broken, "--resume")) == final
 
 
 # ------------------------------------------------------------------- kill -9 and resume
@@ -306,7 +274,7 @@ def test_a_corrupt_checkpoint_names_the_intact_one_and_the_advice_works(referenc
 def test_kill_9_then_resume_is_bit_identical(point, reference, config_path, tmp_path):
     _, final = reference
     out = tmp_path / "killed"
-    killed = _run(config_path, out, env=_env(DETJAX_TEST_KILL_AT=point))
+    killed = detjax_train(config_path, out, env=cli_env(DETJAX_TEST_KILL_AT=point))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running"
@@ -317,7 +285,7 @@ def test_kill_9_then_resume_is_bit_identical(point, reference, config_path, tmp_
         assert steps == [1] and any(".orbax-checkpoint-tmp" in p.name for p in (out / "checkpoints").iterdir())
     else:  # result.json written, manifest.json not yet finished
         assert steps == [2, 3] and (out / "result.json").exists()
-    resumed = _run(config_path, out, "--resume")
+    resumed = detjax_train(config_path, out, "--resume")
     assert _final_sha(resumed) == final
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
     events = [e["event"] for e in manifest_lib.read_events(out)]

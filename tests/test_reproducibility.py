@@ -5,16 +5,13 @@ the thread count), exactly as a user would run it.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
+from conftest import REPO, cli_env, detjax_cli, detjax_train, result_line
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = {
     "task": "synthetic",
     "data": {"n_train": 192, "n_val": 32, "n_test": 32, "length": 256, "leads": 12, "num_classes": 4, "seed": 3},
@@ -24,40 +21,24 @@ CONFIG = {
     "batch_size": 16,
     "eval_every": 2,
 }
+# No shared compilation cache: each process compiles for itself (also for the conftest.py
+# fixtures config_path and reference_run, which train this module's CONFIG).
+FRESH_COMPILE = True
 
 
 def _env():
-    # No shared compilation cache: each process compiles for itself.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
-           and k != "JAX_COMPILATION_CACHE_DIR"}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return cli_env(fresh_compile=True)
 
 
 def _cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "detjax", *args], cwd=REPO, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    proc = detjax_cli(*args, env=_env(), timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"detjax {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc
 
 
 def _train(config_path, out, *extra):
-    proc = _cli("run", str(config_path), "--out", str(out), "--no-progress", "--cpu-threads", "1", *extra)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "config.json"
-    path.write_text(json.dumps(CONFIG))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference_run(config_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "reference"
-    return out, _train(config_path, out)
+    return result_line(detjax_train(config_path, out, *extra, env=_env(), timeout=600))
 
 
 def test_two_fresh_processes_give_identical_final_hashes(config_path, reference_run, tmp_path):
@@ -101,14 +82,10 @@ def test_verify_reports_identical(reference_run):
     assert proc.stdout.strip().splitlines()[-1] == "identical"
 
 
-def test_verify_refuses_a_manifest_that_disagrees_with_the_stored_state(reference_run, tmp_path):
+def test_verify_refuses_a_manifest_that_disagrees_with_the_stored_state(copy_of):
     # Stored files are checked before anything is re-run (exit 3); a re-run that differs
     # exits 1 (tests/test_faults.py).
-    out, _ = reference_run
-    tampered = tmp_path / "tampered"
-    import shutil
-
-    shutil.copytree(out, tampered)
+    tampered = copy_of("tampered")
     manifest = json.loads((tampered / "manifest.json").read_text())
     manifest["final_digests"]["sha256"] = "0" * 64
     (tampered / "manifest.json").write_text(json.dumps(manifest))

@@ -11,9 +11,13 @@ same config hash, from ``experiments/*.py``, from a seed study and from ``verify
 
 Data options are written out in full (``None`` where a default applies: the vendored sample
 for PTB-XL and MedMNIST), and data folders are made absolute, so that the config alone
-re-creates the data. The data a config names are loaded by :func:`detjax.tasks.load_task`.
-``limit`` means the same everywhere: the first N records of each split, after the split
-and the normalisation statistics are computed on the full data.
+re-creates the data. The data a config names are loaded by :func:`detjax.tasks.load_task`;
+the manifest's ``data_info`` adds how the loader found its folder (``data_source``: argument,
+environment variable or vendored copy) and the digest of what it read (``content_sha256``),
+which, unlike the absolute path, identifies the data on every machine.
+``limit`` means the same for every task (:mod:`detjax.data.splits`): the first N records of
+each split, cut after the split and after the normalisation statistics of the whole training
+split, so a limited run's arrays are the first rows of the unlimited run's.
 """
 
 from __future__ import annotations

@@ -85,38 +85,25 @@ def _synthetic(config: TrainConfig) -> TaskData:
                     info={"source": "synthetic", **opts})
 
 
-def _limited(arrays: dict, limit: int | None) -> dict:
-    """The first ``limit`` records of each split (a quick smoke subset), or all of them."""
-    if limit is None:
-        return arrays
-    if int(limit) < 1:
-        raise ValueError(f"limit must be a positive number of records per split, got {limit}")
-    return {k: v[:int(limit)] for k, v in arrays.items()}
-
-
 def _ptbxl(config: TrainConfig) -> TaskData:
     from detjax.data import ptbxl
 
     opts = dict(config.data)
-    limit = opts.pop("limit", None)
     prepared = ptbxl.prepare_ptbxl(**opts)
     labels = tuple(prepared["labels"])
-    arrays = _limited({f"{p}_{s}": prepared[f"{p}_{s}"] for p in ("x", "y") for s in ("train", "val", "test")},
-                      limit)
     info = {k: v for k, v in prepared.items()
-            if k in ("lead_names", "sampling_rate", "cv_fold", "n", "counts", "norm", "fingerprint", "source")}
-    info["limit"] = limit
+            if k in ("lead_names", "sampling_rate", "cv_fold", "n", "counts", "norm", "source", "limit")}
     if "fold_split" in opts:
         info["folds"] = prepared["folds"]
     evaluate = _multilabel_evaluator(labels)
     return TaskData(
-        train_x=arrays["x_train"], train_y=arrays["y_train"],
-        val_x=arrays["x_val"], val_y=arrays["y_val"],
-        test_x=arrays["x_test"], test_y=arrays["y_test"],
+        train_x=prepared["x_train"], train_y=prepared["y_train"],
+        val_x=prepared["x_val"], val_y=prepared["y_val"],
+        test_x=prepared["x_test"], test_y=prepared["y_test"],
         labels=labels, evaluate=evaluate,
-        order_keys=ordering.golden_content_keys(arrays["x_train"]),
+        order_keys=ordering.golden_content_keys(prepared["x_train"]),
         info=info,
-        post_evaluate=_floor_hook(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+        post_evaluate=_floor_hook(prepared["x_train"], prepared["y_train"], prepared["x_test"], prepared["y_test"],
                                   evaluate, kind="ecg", multilabel=True, num_classes=len(labels)))
 
 
@@ -128,7 +115,7 @@ def _medmnist(config: TrainConfig) -> TaskData:
     known = {"flag", "data_dir", "size", "limit"}
     if "flag" not in opts or set(opts) - known:
         raise ValueError(f"medmnist data options must include 'flag' and be among {sorted(known)}, got {sorted(opts)}")
-    ds = mm.load_medmnist(opts["flag"], opts.get("data_dir"), size=opts.get("size", 28))
+    ds = mm.load_medmnist(opts["flag"], opts.get("data_dir"), size=opts.get("size", 28), limit=opts.get("limit"))
     task = ds.task
     multilabel = task == "multi-label, binary-class"
     if multilabel != (config.loss != "ce"):
@@ -138,7 +125,6 @@ def _medmnist(config: TrainConfig) -> TaskData:
         arrays[f"x_{split}"] = mm.preprocess(getattr(ds, f"{split}_images"))
         labels = getattr(ds, f"{split}_labels")
         arrays[f"y_{split}"] = labels.astype(np.float32) if multilabel else labels.astype(np.int32)
-    arrays = _limited(arrays, opts.get("limit"))
     class_names = tuple(ds.info.labels)
 
     def evaluate(y_true, scores):
@@ -160,7 +146,8 @@ def _medmnist(config: TrainConfig) -> TaskData:
         post_evaluate=_floor_hook(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
                                   evaluate, kind="image", multilabel=multilabel, num_classes=len(class_names)),
         info={"source": "medmnist", "flag": ds.flag, "size": ds.size, "task": task, "path": str(ds.path),
-              "md5": ds.md5, "n": {k[2:]: int(v.shape[0]) for k, v in arrays.items() if k.startswith("x_")},
+              "data_source": dict(ds.data_source), "md5": ds.md5, "content_sha256": ds.sha256,
+              "n": {k[2:]: int(v.shape[0]) for k, v in arrays.items() if k.startswith("x_")},
               "limit": opts.get("limit")})
 
 
@@ -176,8 +163,7 @@ def _cinc2017(config: TrainConfig) -> TaskData:
     # data_dir None: $DETJAX_CINC2017_DIR, else a ValueError naming both (no vendored copy).
     prepared = cinc2017.load_cinc2017(opts.pop("data_dir", None), **opts)
     info = {k: prepared[k] for k in ("sampling_rate", "window_seconds", "window_length", "cv_fold", "folds", "n",
-                                     "counts", "padded", "norm", "fingerprint", "source")}
-    info["limit"] = opts.get("limit")
+                                     "counts", "padded", "norm", "source", "limit")}
     return TaskData(
         train_x=prepared["x_train"], train_y=prepared["y_train"],
         val_x=prepared["x_val"], val_y=prepared["y_val"],

@@ -35,7 +35,9 @@ from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from detjax.data import _download
+from detjax.data import cache as data_cache
 from detjax.data import cinc2017 as C
+from detjax.data import splits as S
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cinc2017"
@@ -446,8 +448,8 @@ def test_committed_folds_have_a_notice():
     ("record,label,fold\nA00001,N,11\n", r"line 2: record A00001 has fold '11', expected 1..10"),
     ("record,label,fold\nA00001,N,x\n", r"fold 'x'"),
     ("record,label,fold\nA00001,Q,1\n", r"label 'Q'"),
-    ("record,label,fold\nA00001,N,1\nA00001,N,2\n", r"line 3: record A00001 is listed twice"),
-    ("record,label,fold\nA00001,N\n", r"line 2: expected 3 fields"),
+    ("record,label,fold\nA00001,N,1\nA00001,N,2\n", r"line 3: record A00001 is listed again \(first on line 2\)"),
+    ("record,label,fold\nA00001,N\n", r"line 2: expected 'record,label,fold'"),
 ])
 def test_read_folds_errors(tmp_path, text, match):
     (tmp_path / "f.csv").write_text(text)
@@ -470,9 +472,9 @@ def test_check_folds_names_mismatches():
 @pytest.mark.parametrize("cv_fold,expected", [(0, ((1, 2, 3, 4, 5, 6, 7, 8), (9,), (10,))),
                                               (1, ((1, 2, 3, 4, 5, 6, 7, 10), (8,), (9,))),
                                               (2, ((1, 2, 3, 4, 5, 6, 7, 9), (10,), (8,)))])
-def test_split_folds(cv_fold, expected):
-    assert tuple(C.split_folds(cv_fold).values()) == expected
-    assert list(C.split_folds(cv_fold)) == ["train", "val", "test"]
+def test_fold_roles(cv_fold, expected):
+    assert tuple(S.fold_roles(cv_fold).values()) == expected
+    assert list(S.fold_roles(cv_fold)) == ["train", "val", "test"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -512,8 +514,13 @@ def test_load_tiny_values_splits_and_normalisation(tiny, cv_fold):
     assert out["folds"] == {"train": [f for f in range(1, 11) if f not in (test_fold, val_fold)],
                             "val": [val_fold], "test": [test_fold]}
     assert out["labels"] == ("N", "A", "O", "~") and out["window_length"] == 1000
-    arrays = {f"{p}_{s}": out[f"{p}_{s}"] for p in ("x", "y", "record") for s in ("train", "val", "test")}
-    assert out["fingerprint"] == C.fingerprint(arrays)
+    assert "fingerprint" not in out  # the arrays are hashed once, by TaskData.fingerprint()
+
+
+def _digest(out):
+    """SHA-256 of the nine split arrays of a load."""
+    return data_cache.fingerprint({f"{p}_{s}": out[f"{p}_{s}"] for p in ("x", "y", "record")
+                                   for s in ("train", "val", "test")})
 
 
 def test_normalisation_is_exactly_float32_of_train_statistics(tiny):
@@ -537,13 +544,15 @@ def test_load_other_window_and_rate(tiny):
     np.testing.assert_allclose(out["x_val"][0, :, 0], (windows - mu) / sigma, atol=2e-5)
 
 
-def test_limit_reads_only_the_first_records_of_each_split(tiny):
+def test_limit_keeps_the_first_records_after_the_full_statistics(tiny):
     full = _load(tiny)
     small = _load(tiny, limit=2)
+    assert small["norm"] == full["norm"] and small["limit"] == 2 and full["limit"] is None
     for name in ("train", "val", "test"):
-        assert small[f"record_{name}"].tolist() == full[f"record_{name}"][:2].tolist()
-    assert small["source"]["n_read"] == 6 and small["source"]["limit"] == 2
-    assert full["source"]["n_read"] == 30 and full["source"]["n_records"] == 30
+        for part in ("x", "y", "record"):
+            assert small[f"{part}_{name}"].tobytes() == full[f"{part}_{name}"][:2].tobytes()
+        assert small["n"][name] == 2 and small["padded"][name] == sum(r in SHORT for r in small[f"record_{name}"])
+    assert small["source"]["n_read"] == full["source"]["n_read"] == full["source"]["n_records"] == 30
     with pytest.raises(ValueError, match="limit must be a positive"):
         _load(tiny, limit=0)
 
@@ -555,6 +564,9 @@ def test_data_dir_from_environment_or_a_clear_error(tiny, monkeypatch):
     monkeypatch.setenv("DETJAX_CINC2017_DIR", str(root))
     out = C.load_cinc2017(None, folds=folds, use_cache=False)
     assert out["source"]["data_dir"] == str(root.resolve())
+    assert out["source"]["data_source"] == {"kind": "environment", "variable": "DETJAX_CINC2017_DIR"}
+    given = C.load_cinc2017(root, folds=folds, use_cache=False)["source"]
+    assert given["data_source"] == {"kind": "argument"} and given["content_sha256"] == out["source"]["content_sha256"]
     with pytest.raises(FileNotFoundError, match="data folder not found") as info:
         C.load_cinc2017(root / "nowhere", folds=folds)
     assert info.value.filename == str(root / "nowhere")
@@ -605,7 +617,7 @@ def test_real_subset_load(shared, tmp_path):
     np.testing.assert_allclose(out["x_test"][3, :, 0],
                                (window - out["norm"]["mean"]) / out["norm"]["std"], atol=2e-5)
     again = C.load_cinc2017(shared, limit=8, cache_dir=tmp_path)
-    assert again["source"]["from_cache"] and again["fingerprint"] == out["fingerprint"]
+    assert again["source"]["from_cache"] and _digest(again) == _digest(out)
 
 
 # --------------------------------------------------------------------------- cache
@@ -623,7 +635,7 @@ def test_cache_hit_and_invalidation(tiny, tmp_path):
     again = C.load_cinc2017(root, folds=folds, cache_dir=cache, cv_fold=2)  # same windows, other split
     assert again["source"]["from_cache"] and again["source"]["content_sha256"] == first["source"]["content_sha256"]
     warm = C.load_cinc2017(root, folds=folds, cache_dir=cache)
-    assert warm["fingerprint"] == first["fingerprint"] and warm["x_test"].tobytes() == first["x_test"].tobytes()
+    assert _digest(warm) == _digest(first) and warm["x_test"].tobytes() == first["x_test"].tobytes()
     # One changed sample of one record selects a new entry and changes exactly that record.
     digital = digital_signal(TINY_NAMES.index("A00010"), tiny_length("A00010"))
     digital[1500] += 1
@@ -631,7 +643,7 @@ def test_cache_hit_and_invalidation(tiny, tmp_path):
     changed = C.load_cinc2017(root, folds=folds, cache_dir=cache)
     assert not changed["source"]["from_cache"] and len(_npz_files(cache)) == 2
     assert changed["source"]["content_sha256"] != first["source"]["content_sha256"]
-    assert changed["fingerprint"] != first["fingerprint"]
+    assert _digest(changed) != _digest(first)
     # A header edit (a comment) also changes the key; settings do too.
     with open(root / "A00002.hea", "a") as handle:
         handle.write("# edited\n")
@@ -653,10 +665,10 @@ def test_corrupt_cache_is_rebuilt(tiny, tmp_path, damage):
     else:
         arrays = {"x": np.zeros((1, 1000), np.float32), "record": np.array(["A00001"]),
                   "n_samples": np.array([3000])}
-        np.savez(path, key=np.array("0" * 64), digest=np.array(C.fingerprint(arrays)), **arrays)
+        np.savez(path, key=np.array("0" * 64), digest=np.array(data_cache.fingerprint(arrays)), **arrays)
     with pytest.warns(RuntimeWarning, match="CinC 2017 cache file .* is corrupt"):
         rebuilt = C.load_cinc2017(root, folds=folds, cache_dir=cache)
-    assert not rebuilt["source"]["from_cache"] and rebuilt["fingerprint"] == first["fingerprint"]
+    assert not rebuilt["source"]["from_cache"] and _digest(rebuilt) == _digest(first)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert C.load_cinc2017(root, folds=folds, cache_dir=cache)["source"]["from_cache"]
@@ -771,7 +783,7 @@ def test_task_data(tiny):
         assert getattr(data, f"{split}_y").tobytes() == direct[f"y_{split}"].tobytes()
     expected_keys = ordering.golden_content_keys(direct["x_train"])
     assert np.array_equal(np.asarray(data.order_keys.to_uint64()), np.asarray(expected_keys.to_uint64()))
-    assert data.info["fingerprint"] == direct["fingerprint"] and data.info["counts"] == direct["counts"]
+    assert "fingerprint" not in data.info and data.info["counts"] == direct["counts"]
     assert data.info["source"]["dataset"].startswith("PhysioNet/CinC") and data.info["limit"] is None
     import json
 
@@ -920,7 +932,7 @@ def test_download_verifies_extracts_and_resumes(remote, tiny, tmp_path):
     assert (folder / "REFERENCE-v3.csv").read_bytes() == (root / "REFERENCE-v3.csv").read_bytes()
     assert (folder / "A00017.mat").read_bytes() == (tiny[0] / "A00017.mat").read_bytes()
     loaded = C.load_cinc2017(folder, folds=tiny[1], use_cache=False)
-    assert loaded["fingerprint"] == C.load_cinc2017(tiny[0], folds=tiny[1], use_cache=False)["fingerprint"]
+    assert _digest(loaded) == _digest(C.load_cinc2017(tiny[0], folds=tiny[1], use_cache=False))
     assert "/sample2017.zip" not in server.requests
 
     server.requests.clear()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detjax.data import _download
 from detjax.data import medmnist as mm
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medmnist"
@@ -116,6 +117,25 @@ def test_vendored_breastmnist():
     raw = np.load(VENDORED)
     np.testing.assert_array_equal(data.train_images[..., 0], raw["train_images"])
     np.testing.assert_array_equal(data.test_labels, raw["test_labels"])
+
+
+def test_load_records_the_folder_kind_and_digests(tmp_path):
+    data = mm.load_medmnist("breastmnist")
+    assert data.data_source == {"kind": "vendored"}
+    assert data.sha256 == hashlib.sha256(VENDORED.read_bytes()).hexdigest()
+    shutil.copy(VENDORED, tmp_path / "breastmnist.npz")
+    given = mm.load_medmnist("breastmnist", tmp_path)
+    assert given.data_source == {"kind": "argument"} and (given.md5, given.sha256) == (data.md5, data.sha256)
+
+
+def test_limit_keeps_the_first_records_of_each_split():
+    full, small = mm.load_medmnist("breastmnist"), mm.load_medmnist("breastmnist", limit=4)
+    for split in mm.SPLITS:
+        for part in (0, 1):
+            assert small.split(split)[part].tobytes() == full.split(split)[part][:4].tobytes()
+    assert small.md5 == full.md5  # the whole file is still verified
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        mm.load_medmnist("breastmnist", limit=0)
 
 
 @pytest.mark.shared_data
@@ -284,6 +304,25 @@ def test_download_md5_mismatch_keeps_nothing(tmp_path):
         with pytest.raises(mm.DownloadError, match="HTTP 404"):
             mm.download("breastmnist", dest, url=f"{base}/missing.npz")
     assert list(dest.iterdir()) == []
+
+
+def test_shared_fetch_checks_an_md5_or_a_sha256(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(VENDORED, served / "breastmnist.npz")
+    sha = hashlib.sha256(VENDORED.read_bytes()).hexdigest()
+    with _serve(served) as base:
+        url = f"{base}/breastmnist.npz"
+        assert _download.fetch(url, tmp_path / "a.npz", md5=BREAST_MD5.upper()).read_bytes() == VENDORED.read_bytes()
+        assert _download.fetch(url, tmp_path / "b.npz", sha256=sha).is_file()
+        with pytest.raises(_download.ChecksumError, match=f"expected md5 {'0' * 32}, got {BREAST_MD5}") as info:
+            _download.fetch(url, tmp_path / "c.npz", md5="0" * 32)
+        assert (info.value.algorithm, info.value.actual) == ("md5", BREAST_MD5)
+        with pytest.raises(ValueError, match="not both"):
+            _download.fetch(url, tmp_path / "d.npz", md5=BREAST_MD5, sha256=sha)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "served"]
+    assert _download.verified(tmp_path / "a.npz", md5=BREAST_MD5) and not _download.verified(tmp_path / "a.npz")
+    assert _download.file_digests(tmp_path / "b.npz", ("md5", "sha256")) == {"md5": BREAST_MD5, "sha256": sha}
 
 
 def test_download_verifies_and_renames(tmp_path):

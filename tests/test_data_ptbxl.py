@@ -28,7 +28,9 @@ with warnings.catch_warnings():
     import wfdb
 
 from detjax.data import _download
+from detjax.data import cache as data_cache
 from detjax.data import ptbxl as P
+from detjax.data import splits as S
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = P.vendored_sample_dir()
@@ -197,8 +199,8 @@ def test_sample_shapes_and_metadata(sample):
     assert sample.labels == P.RHYTHM_LABELS
     assert sample.lead_names == ("I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6")
     assert sample.sampling_rate == 100 and len(sample) == 500
-    assert sample.source["vendored_sample"] and not sample.source["from_cache"]
-    assert sample.source["fingerprint"] == P.fingerprint(
+    assert sample.source["data_source"] == {"kind": "vendored"} and not sample.source["from_cache"]
+    assert sample.source["fingerprint"] == data_cache.fingerprint(
         {"x": sample.x, "y": sample.y, "fold": sample.fold, "ecg_id": sample.ecg_id})
 
 
@@ -210,7 +212,7 @@ def test_sample_labels_match_csv_text(sample, sample_csv):
         for j, label in enumerate(P.RHYTHM_LABELS):
             expected[i, j] = label in keys
     np.testing.assert_array_equal(sample.y, expected)
-    assert P.label_counts(sample.y) == SAMPLE_LABEL_COUNTS
+    assert S.label_counts(sample.y, P.RHYTHM_LABELS) == SAMPLE_LABEL_COUNTS
     # ecg_id 1 has {'SR': 0.0}: likelihood 0 still counts as positive.
     assert "'SR': 0.0" in sample_csv["scp_codes"][0] and sample.y[0, 0] == 1.0
     assert int((sample.y.sum(1) == 0).sum()) == 29
@@ -310,17 +312,28 @@ def test_prepare_ptbxl(sample, sample_cache):
     assert out["norm"] == stats
     assert out["n"] == {"train": len(normed.train), "val": 44, "test": 81}
     assert out["folds"] == {"train": [1, 2, 3, 4, 5, 6, 7, 10], "val": [8], "test": [9]}
-    arrays = {}
     for name in ("train", "val", "test"):
         subset = getattr(normed, name)
-        assert out[f"x_{name}"].tobytes() == subset.x.tobytes()
-        arrays.update({f"x_{name}": subset.x, f"y_{name}": subset.y, f"ecg_id_{name}": subset.ecg_id})
+        for part in ("x", "y", "ecg_id"):
+            assert out[f"{part}_{name}"].tobytes() == getattr(subset, part).tobytes()
         assert out["counts"][name] == {l: int(subset.y[:, j].sum()) for j, l in enumerate(P.RHYTHM_LABELS)}
     assert sum(out["counts"][s]["AFIB"] for s in ("train", "val", "test")) <= SAMPLE_LABEL_COUNTS["AFIB"]
-    assert out["fingerprint"] == P.fingerprint(arrays)
-    assert out["labels"] == P.RHYTHM_LABELS and out["cv_fold"] == 1
+    assert out["labels"] == P.RHYTHM_LABELS and out["cv_fold"] == 1 and out["limit"] is None
     assert out["source"]["from_cache"]
-    assert out["fingerprint"] != P.prepare_ptbxl(cache_dir=sample_cache, cv_fold=0)["fingerprint"]
+    # The normalised arrays are hashed once, by TaskData.fingerprint(); not by the loader.
+    assert "fingerprint" not in out and "fingerprints" not in out
+
+
+def test_limit_keeps_the_first_records_after_the_full_statistics(sample_cache):
+    full = P.prepare_ptbxl(cache_dir=sample_cache)
+    small = P.prepare_ptbxl(cache_dir=sample_cache, limit=5)
+    assert small["norm"] == full["norm"] and small["limit"] == 5
+    for name in ("train", "val", "test"):
+        assert small["n"][name] == 5
+        for part in ("x", "y", "ecg_id"):
+            assert small[f"{part}_{name}"].tobytes() == full[f"{part}_{name}"][:5].tobytes()
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        P.prepare_ptbxl(cache_dir=sample_cache, limit=0)
 
 
 # --------------------------------------------------------------------------- synthetic trees
@@ -332,7 +345,7 @@ def test_tiny_tree_values_labels_and_splits(tiny):
     expected_y = np.array([[label in codes for label in P.RHYTHM_LABELS] for _, codes in TINY.values()],
                           np.float32)
     np.testing.assert_array_equal(data.y, expected_y)
-    assert data.source["cache_file"] is None and not data.source["vendored_sample"]
+    assert data.source["cache_file"] is None and data.source["data_source"] == {"kind": "argument"}
     ids = {k: P.split(data, cv_fold=k) for k in range(3)}
     # Hand-derived from TINY: unlabeled 4 (fold 8) and 12 (fold 6) never train.
     assert ids[0].train.ecg_id.tolist() == [1, 2, 3, 5, 10, 11]
@@ -571,7 +584,7 @@ def test_corrupt_cache_is_rebuilt(tiny, tmp_path, damage):
         path.write_bytes(b"not a zip file")
     else:  # a valid npz written for different inputs
         arrays = {"x": first.x[:1], "y": first.y[:1], "fold": first.fold[:1], "ecg_id": first.ecg_id[:1]}
-        np.savez(path, key=np.array("0" * 64), digest=np.array(P.fingerprint(arrays)), **arrays)
+        np.savez(path, key=np.array("0" * 64), digest=np.array(data_cache.fingerprint(arrays)), **arrays)
     with pytest.warns(RuntimeWarning, match="cache file .* is corrupt"):
         rebuilt = P.load_ptbxl(tiny, cache_dir=cache)
     assert not rebuilt.source["from_cache"]
@@ -610,12 +623,12 @@ def test_cache_write_is_atomic(tiny, tmp_path, monkeypatch):
 
 def test_cache_dir_from_environment(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("DETJAX_CACHE_DIR", str(tmp_path / "envcache"))
-    assert P.default_cache_dir() == tmp_path / "envcache"
+    assert data_cache.default_cache_dir() == tmp_path / "envcache"
     data = P.load_ptbxl(tiny)
     assert Path(data.source["cache_file"]).parent == tmp_path / "envcache" / "ptbxl"
     assert len(_npz_files(tmp_path / "envcache")) == 1
     monkeypatch.delenv("DETJAX_CACHE_DIR")
-    assert P.default_cache_dir() == Path.home() / ".cache" / "detjax"
+    assert data_cache.default_cache_dir() == Path.home() / ".cache" / "detjax"
 
 
 def test_use_cache_false_touches_no_cache(tiny, tmp_path):

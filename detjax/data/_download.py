@@ -1,10 +1,11 @@
-"""Streaming downloads with SHA-256 verification, shared by the dataset loaders.
+"""Streaming downloads with checksum verification, shared by the dataset loaders.
 
-Every file is streamed into a temporary file next to its destination while its SHA-256
-is computed; only when the digest equals the publisher's does ``os.replace`` move it into
-place. So a destination path either holds a verified file or nothing: an interrupted or
-corrupted transfer never leaves a plausible-looking file behind, and a later run can skip
-every file whose digest already matches (that is what makes :func:`fetch_tree` resumable).
+Every file is streamed into a temporary file next to its destination while its digest
+(SHA-256, or MD5 where the publisher gives only that, as MedMNIST does) is computed; only
+when the digest equals the publisher's does ``os.replace`` move it into place
+(:func:`atomic_file`). So a destination path either holds a verified file or nothing: an
+interrupted or corrupted transfer never leaves a plausible-looking file behind, and a later
+run can skip every file whose digest already matches (so :func:`fetch_tree` resumes).
 
 No network is the normal case on many clusters. Connections use a short timeout and the
 failure is reported as :class:`DownloadError` whose message says what failed (DNS,
@@ -13,6 +14,7 @@ refused, timeout) and how to point the loader at a manual download instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -20,19 +22,12 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
-__all__ = [
-    "DownloadError",
-    "ChecksumError",
-    "DEFAULT_TIMEOUT",
-    "file_sha256",
-    "parse_sha256sums",
-    "fetch",
-    "fetch_bytes",
-    "fetch_tree",
-]
+__all__ = ["DownloadError", "ChecksumError", "DEFAULT_TIMEOUT", "atomic_file", "file_digests", "file_sha256",
+           "verified", "parse_sha256sums", "fetch", "fetch_bytes", "fetch_tree", "fetch_release"]
 
 #: Seconds allowed for the TCP connect and for each read; short so that a machine without
 #: network fails in seconds, not minutes.
@@ -46,16 +41,74 @@ class DownloadError(OSError):
 
 
 class ChecksumError(ValueError):
-    """A fetched file's SHA-256 differs from the published one; nothing was kept."""
+    """A file's digest differs from the published one; nothing was kept.
+
+    ``algorithm``, ``expected`` and ``actual`` name the check that failed (``None`` when the
+    error was raised with a message only)."""
+
+    def __init__(self, message: str, *, algorithm: str | None = None, expected: str | None = None,
+                 actual: str | None = None):
+        super().__init__(message)
+        self.algorithm, self.expected, self.actual = algorithm, expected, actual
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str], *, suffix: str = ".part") -> Iterator[BinaryIO]:
+    """A binary file that replaces ``dest`` only when the ``with`` block ends without error.
+
+    It is a temporary file in ``dest``'s folder (created if needed), with the usual
+    ``0666 & ~umask`` mode; after the block it is fsynced and moved over ``dest`` with
+    ``os.replace``, so ``dest`` holds the old content or the new, never a part. If the block
+    raises, the temporary file is removed and the exception propagates.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive os.replace
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def file_digests(path: str | os.PathLike[str], algorithms: Iterable[str] = ("sha256",), *,
+                 chunk: int = _CHUNK) -> dict[str, str]:
+    """``{algorithm: hex digest}`` of a file's bytes, every algorithm in ONE read of the file."""
+    digests = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            for digest in digests.values():
+                digest.update(block)
+    return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
 def file_sha256(path: str | os.PathLike[str], *, chunk: int = _CHUNK) -> str:
     """Hex SHA-256 of a file's bytes, read in ``chunk``-sized pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digests(path, chunk=chunk)["sha256"]
+
+
+def _expectation(sha256: str | None, md5: str | None) -> tuple[str, str] | None:
+    """``(algorithm, expected hex digest)``, or ``None`` for an unverified fetch."""
+    if sha256 is not None and md5 is not None:
+        raise ValueError("give one expected digest, sha256= or md5=, not both")
+    if sha256 is None and md5 is None:
+        return None
+    return ("sha256", sha256.lower()) if sha256 is not None else ("md5", md5.lower())
+
+
+def verified(path: str | os.PathLike[str], *, sha256: str | None = None, md5: str | None = None) -> bool:
+    """Whether ``path`` is a file whose digest equals the expected one (``False`` without one)."""
+    expected = _expectation(sha256, md5)
+    return (expected is not None and Path(path).is_file()
+            and file_digests(path, (expected[0],))[expected[0]] == expected[1])
 
 
 def _safe_relpath(name: str, *, source: str) -> str:
@@ -137,42 +190,32 @@ def fetch(
     url: str,
     dest: str | os.PathLike[str],
     *,
-    sha256: str | None,
+    sha256: str | None = None,
+    md5: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Path:
-    """Stream ``url`` to ``dest``, verifying its SHA-256; atomic (temp file + ``os.replace``).
+    """Stream ``url`` to ``dest``, verifying its SHA-256 or MD5; atomic (temp file + ``os.replace``).
 
-    With ``sha256=None`` the file is kept unverified (only for the checksum list itself).
+    At most one of ``sha256`` and ``md5`` may be given; with neither the file is kept
+    unverified (only for a checksum list itself, or a file without a published digest).
     On a digest mismatch raises :class:`ChecksumError` naming the URL and both digests; the
     temporary file is removed and ``dest`` is left untouched (absent if it was absent).
     """
     _check_scheme(url)
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, _open(url, timeout) as response:
-            try:
-                while block := response.read(_CHUNK):
-                    digest.update(block)
-                    out.write(block)
-            except OSError as exc:
-                raise DownloadError(f"could not download {url}: {_describe_failure(url, exc)}") from exc
-            out.flush()
-            os.fsync(out.fileno())
-        got = digest.hexdigest()
-        if sha256 is not None and got != sha256.lower():
-            raise ChecksumError(f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, got {got}; "
-                                f"the file was not kept")
-        os.replace(tmp_name, dest)
-    except BaseException:
+    expected = _expectation(sha256, md5)
+    digest = hashlib.new(expected[0] if expected else "sha256", usedforsecurity=False)
+    with atomic_file(dest) as out, _open(url, timeout) as response:
         try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return dest
+            while block := response.read(_CHUNK):
+                digest.update(block)
+                out.write(block)
+        except OSError as exc:
+            raise DownloadError(f"could not download {url}: {_describe_failure(url, exc)}") from exc
+        got = digest.hexdigest()
+        if expected is not None and got != expected[1]:
+            raise ChecksumError(f"checksum mismatch for {url}: expected {expected[0]} {expected[1]}, got {got}; "
+                                f"the file was not kept", algorithm=expected[0], expected=expected[1], actual=got)
+    return Path(dest)
 
 
 def fetch_tree(
@@ -200,9 +243,51 @@ def fetch_tree(
         names = tqdm(list(names), desc="download", unit="file")
     for name in names:
         target = dest_dir / name
-        if target.is_file() and file_sha256(target) == sums[name]:
+        if verified(target, sha256=sums[name]):
             report["skipped"].append(name)
             continue
         fetch(base_url + urllib.parse.quote(name), target, sha256=sums[name], timeout=timeout)
         report["downloaded"].append(name)
     return report
+
+
+def fetch_release(
+    base_url: str,
+    dest_dir: str | os.PathLike[str],
+    *,
+    select: Callable[[str], bool],
+    required: Iterable[str],
+    what: str,
+    hint: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    progress: bool = False,
+    finish: Callable[[Mapping[str, str]], Any] = lambda sums: None,
+) -> Any:
+    """A PhysioNet-style release: ``base_url/SHA256SUMS.txt``, then every listed file that
+    ``select`` accepts (:func:`fetch_tree`, resumable), each verified against the list.
+
+    ``required`` names files the list must hold (``ValueError`` otherwise). A failure is a
+    :class:`DownloadError` naming ``what`` and ending with ``hint`` (how to download by hand).
+    Then ``finish(sums)`` runs (e.g. unpacking), and ``dest_dir/SHA256SUMS.txt`` is written
+    last, atomically, so its presence marks a complete download. Returns what ``finish`` returns.
+    """
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    dest = Path(dest_dir).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        sums_text = fetch_bytes(base + "SHA256SUMS.txt", timeout=timeout).decode("utf-8")
+    except DownloadError as exc:
+        raise DownloadError(f"{what} could not be downloaded: {exc}. {hint}") from exc
+    sums = parse_sha256sums(sums_text, source=base + "SHA256SUMS.txt")
+    for name in required:
+        if name not in sums:
+            raise ValueError(f"{base}SHA256SUMS.txt does not list {name}; is {base} a {what} release?")
+    try:
+        fetch_tree(base, dest, sums, select=select, timeout=timeout, progress=progress)
+    except DownloadError as exc:
+        raise DownloadError(f"{what} download stopped: {exc}. Files already verified are kept; run again to "
+                            f"resume. {hint}") from exc
+    result = finish(sums)
+    with atomic_file(dest / "SHA256SUMS.txt") as out:
+        out.write(sums_text.encode("utf-8"))
+    return result

@@ -19,7 +19,8 @@ Preprocessing (per record, in this order):
    10 s x 100 Hz = 1000, PTB-XL's length) with :func:`fixed_window`; shorter records are
    zero-padded symmetrically (the odd extra sample at the end);
 3. normalise with one scalar mean and standard deviation of the TRAIN windows (padding
-   included), accumulated in float64, population ``sigma`` (ddof 0)::
+   included), :func:`detjax.data.splits.train_statistics` (float64 sums in chunks of 256
+   records, population ``sigma``)::
 
        x' = (x - float32(mu)) / float32(sigma)      (float32 arithmetic, all splits)
 
@@ -29,14 +30,13 @@ Folds. Ten folds stratified by class with :func:`stratified_folds` (SHA-256 orde
 each class, dealt round-robin) were computed ONCE from ``REFERENCE-v3.csv`` and are vendored
 as ``detjax/data/vendored/cinc2017/folds.csv``. The loader reads that fixed file (it does not
 recompute it), checks that it covers exactly the reference's records with the same labels,
-and splits like PTB-XL: CV rotation ``k`` uses ``(test, val) = CV_FOLDS[k]`` =
-``(10, 9), (9, 8), (8, 10)``; train is the other eight folds.
+and splits like PTB-XL (:mod:`detjax.data.splits`): CV rotation ``k`` uses ``(test, val) =
+CV_FOLDS[k]`` = ``(10, 9), (9, 8), (8, 10)``; train is the other eight folds. ``limit`` keeps
+the first records of each split, after the statistics of the whole training split.
 
-Cache. The preprocessed (not yet normalised) windows are stored as ``.npz`` under
-``cache_dir/cinc2017`` (default ``$DETJAX_CACHE_DIR`` or ``~/.cache/detjax``), named by a
-SHA-256 over the loader version, the settings, the scipy version (it designs the filter) and
-the bytes of every record file read. Writes are atomic (temporary file + ``os.replace``);
-each file carries a digest of its arrays, so a corrupt file is reported and rebuilt.
+Cache (:mod:`detjax.data.cache`). The preprocessed (not yet normalised) windows of every
+record in a split are stored under ``cache_dir/cinc2017``, keyed by the loader version, the
+settings, the scipy version (it designs the filter) and the bytes of every record file read.
 
 Data licence: Open Data Commons Attribution License v1.0; cite Clifford et al., "AF
 classification from a short single lead ECG recording: the PhysioNet/Computing in
@@ -50,7 +50,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -58,47 +57,21 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from detjax.data import _download
-from detjax.data.ptbxl import _read_cache, _write_cache, check_cached_signals, default_cache_dir, fingerprint
+from detjax.data import _download, cache
+from detjax.data import splits as S
+from detjax.data.splits import CV_FOLDS, N_FOLDS, train_statistics
 
-__all__ = [
-    "CLASSES",
-    "CLASS_NAMES",
-    "NATIVE_RATE",
-    "N_FOLDS",
-    "CV_FOLDS",
-    "DEFAULT_REFERENCE",
-    "LOADER_VERSION",
-    "PHYSIONET_URL",
-    "ENV_DATA_DIR",
-    "Header",
-    "vendored_folds_path",
-    "resolve_data_dir",
-    "parse_header",
-    "read_header",
-    "read_record",
-    "read_reference",
-    "resample",
-    "fixed_window",
-    "window_length",
-    "preprocess",
-    "stratified_folds",
-    "write_folds",
-    "read_folds",
-    "check_folds",
-    "split_folds",
-    "content_key",
-    "train_statistics",
-    "load_cinc2017",
-    "evaluate",
-    "download_cinc2017",
-]
+__all__ = ["CLASSES", "CLASS_NAMES", "NATIVE_RATE", "N_FOLDS", "CV_FOLDS", "DEFAULT_REFERENCE",
+           "LOADER_VERSION", "PHYSIONET_URL", "ENV_DATA_DIR", "Header", "vendored_folds_path", "parse_header",
+           "read_header", "read_record", "read_reference", "resample", "fixed_window", "window_length",
+           "preprocess", "stratified_folds", "write_folds", "read_folds", "check_folds", "content_key",
+           "load_cinc2017", "evaluate", "download_cinc2017"]
 
 #: Class letters of REFERENCE-v3.csv in output (logit) order.
 CLASSES: tuple[str, ...] = ("N", "A", "O", "~")
@@ -106,9 +79,6 @@ CLASS_NAMES: dict[str, str] = {"N": "normal sinus rhythm", "A": "atrial fibrilla
                                "O": "other rhythm", "~": "too noisy to classify"}
 #: Sampling rate of every challenge record (Hz).
 NATIVE_RATE = 300
-N_FOLDS = 10
-#: ``(test_fold, val_fold)`` for the three CV rotations, as for PTB-XL.
-CV_FOLDS: tuple[tuple[int, int], ...] = ((10, 9), (9, 8), (8, 10))
 DEFAULT_REFERENCE = "REFERENCE-v3.csv"
 #: Bumped whenever the arrays produced from the same files could change; part of the cache key.
 LOADER_VERSION = "detjax-cinc2017-1"
@@ -127,7 +97,6 @@ MANUAL_DOWNLOAD_HINT = (
 )
 
 _RECORD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_STAT_CHUNK = 256  # records per float64 chunk in train_statistics(); fixed so the sums are reproducible
 _CACHE_ARRAYS = ("x", "record", "n_samples")
 
 
@@ -137,24 +106,6 @@ _CACHE_ARRAYS = ("x", "record", "n_samples")
 def vendored_folds_path() -> Path:
     """The committed fold assignment ``detjax/data/vendored/cinc2017/folds.csv``."""
     return Path(__file__).resolve().parent / "vendored" / "cinc2017" / "folds.csv"
-
-
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
-    """The data folder: ``data_dir``, else ``$DETJAX_CINC2017_DIR``; it must exist.
-
-    There is no vendored copy of the records, so with neither given this raises
-    ``ValueError`` naming both ways to give one.
-    """
-    if data_dir is None:
-        env = os.environ.get(ENV_DATA_DIR)
-        if not env:
-            raise ValueError(f"no CinC 2017 data folder given: pass data_dir (--data-dir on the command line) "
-                             f"or set the environment variable {ENV_DATA_DIR}. {MANUAL_DOWNLOAD_HINT}")
-        data_dir = env
-    path = Path(data_dir).expanduser().resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(2, f"CinC 2017 data folder not found. {MANUAL_DOWNLOAD_HINT}", str(path))
-    return path
 
 
 def _check_record_name(name: str, *, where: str) -> str:
@@ -308,25 +259,37 @@ def read_record(data_dir: str | os.PathLike[str], name: str) -> np.ndarray:
 
 
 def _record_files(data_dir: Path, name: str) -> list[Path]:
-    """Header plus the signal file it names (``<name>.mat`` if the header is unreadable).
-
-    Tolerant on purpose: it only lists files (for existence checks and hashing);
-    :func:`read_record` reports a broken header properly.
-    """
-    header = data_dir / f"{name}.hea"
-    mat = data_dir / f"{name}.mat"
-    try:
-        lines = [ln for ln in header.read_text(errors="replace").splitlines()
-                 if ln.strip() and not ln.lstrip().startswith("#")]
-        named = lines[1].split()[0]
-        if PurePosixPath(named).name == named and "\\" not in named:
-            mat = data_dir / named
-    except (OSError, IndexError):
-        pass
-    return [header, mat]
+    """Header plus the signal file it names (:func:`~detjax.data.cache.wfdb_files`;
+    ``<name>.mat`` stands in when the header cannot be parsed)."""
+    return cache.wfdb_files(data_dir / f"{name}.hea", f"{name}.mat")
 
 
 # --------------------------------------------------------------------------- labels
+
+
+def _labelled_rows(path: Path, rows: Iterable[tuple[int, Sequence[str]]],
+                   fields: str) -> list[tuple[int, list[str]]]:
+    """The non-empty ``(line number, fields)`` rows, checked: the fields named by ``fields``
+    (stripped), a valid record name first, a label of :data:`CLASSES` second, each record
+    once; a ``ValueError`` names the file and line."""
+    out, first_line = [], {}
+    for lineno, row in rows:
+        if not row:
+            continue
+        row = [c.strip() for c in row]
+        if len(row) != len(fields.split(",")):
+            raise ValueError(f"{path} line {lineno}: expected '{fields}', got {','.join(row)!r}")
+        name, label = row[:2]
+        _check_record_name(name, where=f"{path} line {lineno}")
+        if label not in CLASSES:
+            raise ValueError(f"{path} line {lineno}: record {name} has label {label!r}; expected one of "
+                             f"{', '.join(CLASSES)}")
+        if name in first_line:
+            raise ValueError(f"{path} line {lineno}: record {name} is listed again (first on line "
+                             f"{first_line[name]})")
+        first_line[name] = lineno
+        out.append((lineno, row))
+    return out
 
 
 def read_reference(
@@ -346,30 +309,12 @@ def read_reference(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(2, "CinC 2017 label file not found", str(path))
-    records: list[str] = []
-    labels: list[str] = []
-    first_line: dict[str, int] = {}
-    text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 2:
-            raise ValueError(f"{path} line {lineno}: expected 'record,label', got {raw!r}")
-        name, label = parts
-        _check_record_name(name, where=f"{path} line {lineno}")
-        if label not in CLASSES:
-            raise ValueError(f"{path} line {lineno}: record {name} has label {label!r}; expected one of "
-                             f"{', '.join(CLASSES)}")
-        if name in first_line:
-            raise ValueError(f"{path} line {lineno}: record {name} is listed again (first on line "
-                             f"{first_line[name]})")
-        first_line[name] = lineno
-        records.append(name)
-        labels.append(label)
-    if not records:
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # tolerate a BOM
+    rows = _labelled_rows(path, enumerate((ln.split(",") if ln.strip() else [] for ln in lines), start=1),
+                          "record,label")
+    if not rows:
         raise ValueError(f"{path}: no records")
+    records, labels = (tuple(row[i] for _, row in rows) for i in (0, 1))
     if check_files:
         root = Path(data_dir) if data_dir is not None else path.parent
         missing = [f"{name} ({p.name})" for name in records for p in _record_files(root, name) if not p.is_file()]
@@ -526,17 +471,8 @@ def write_folds(path: str | os.PathLike[str], records: Sequence[str], labels: Se
     writer.writerow(FOLDS_HEADER)
     for name, label in zip(records, labels):
         writer.writerow((name, label, int(folds[name])))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(buffer.getvalue())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; this is a shared data file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _download.atomic_file(path, suffix=".tmp") as handle:
+        handle.write(buffer.getvalue().encode("utf-8"))
     return path
 
 
@@ -554,26 +490,11 @@ def read_folds(path: str | os.PathLike[str] | None = None) -> tuple[tuple[str, .
         rows = list(csv.reader(handle))
     if not rows or tuple(c.strip() for c in rows[0]) != FOLDS_HEADER:
         raise ValueError(f"{path}: header must be {','.join(FOLDS_HEADER)}, got {rows[0] if rows else 'nothing'}")
-    records, labels, folds, seen = [], [], [], set()
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        if len(row) != 3:
-            raise ValueError(f"{path} line {lineno}: expected 3 fields, got {row}")
-        name, label, fold_text = (c.strip() for c in row)
-        _check_record_name(name, where=f"{path} line {lineno}")
-        if label not in CLASSES:
-            raise ValueError(f"{path} line {lineno}: record {name} has label {label!r}; expected one of "
-                             f"{', '.join(CLASSES)}")
+    rows = _labelled_rows(path, enumerate(rows[1:], start=2), ",".join(FOLDS_HEADER))
+    for lineno, (name, _, fold_text) in rows:
         if not fold_text.isdigit() or not 1 <= int(fold_text) <= N_FOLDS:
             raise ValueError(f"{path} line {lineno}: record {name} has fold {fold_text!r}, expected 1..{N_FOLDS}")
-        if name in seen:
-            raise ValueError(f"{path} line {lineno}: record {name} is listed twice")
-        seen.add(name)
-        records.append(name)
-        labels.append(label)
-        folds.append(int(fold_text))
-    return tuple(records), tuple(labels), tuple(folds)
+    return tuple(row[0] for _, row in rows), tuple(row[1] for _, row in rows), tuple(int(r[2]) for _, r in rows)
 
 
 def check_folds(fold_records: Sequence[str], fold_labels: Sequence[str], records: Sequence[str],
@@ -600,15 +521,6 @@ def check_folds(fold_records: Sequence[str], fold_labels: Sequence[str], records
                            "--reference FILE --out FOLDS.csv` and pass it as folds=")
 
 
-def split_folds(cv_fold: int = 0) -> dict[str, tuple[int, ...]]:
-    """``{"train", "val", "test"}`` fold numbers of CV rotation ``cv_fold`` (0, 1 or 2)."""
-    if isinstance(cv_fold, bool) or cv_fold not in range(len(CV_FOLDS)):
-        raise ValueError(f"cv_fold must be 0, 1 or 2, got {cv_fold!r}")
-    test_fold, val_fold = CV_FOLDS[cv_fold]
-    train = tuple(f for f in range(1, N_FOLDS + 1) if f not in (test_fold, val_fold))
-    return {"train": train, "val": (val_fold,), "test": (test_fold,)}
-
-
 # --------------------------------------------------------------------------- cache
 
 
@@ -624,7 +536,7 @@ def content_key(data_dir: Path, records: Sequence[str], *, sampling_rate: int, w
         for path in _record_files(data_dir, name):
             if not path.is_file():
                 raise _missing(path, record=name, what="file")
-            files.append((path.name, _download.file_sha256(path)))
+            files.append((path.name, path))
     spec = {
         "loader": LOADER_VERSION,
         "native_rate": NATIVE_RATE,
@@ -634,37 +546,11 @@ def content_key(data_dir: Path, records: Sequence[str], *, sampling_rate: int, w
         "resample_window": list(RESAMPLE_WINDOW),
         "scipy": scipy.__version__,
         "records": list(records),
-        "files": files,
     }
-    return hashlib.sha256(json.dumps(spec, separators=(",", ":")).encode()).hexdigest()
-
-
-def _cache_file(cache_dir: Path, key: str, sampling_rate: int, length: int) -> Path:
-    return cache_dir / "cinc2017" / f"cinc2017-{sampling_rate}hz-{length}-{key}.npz"
+    return cache.content_key(spec, files)
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def train_statistics(x: np.ndarray) -> dict[str, float | int]:
-    """``{"mean", "std", "count"}`` over every value of ``x``: float64 sums in fixed chunks of
-    256 records (so the result does not depend on memory), population std (ddof 0)."""
-    x = np.asarray(x)
-    if x.size == 0:
-        raise ValueError("cannot normalise: the training split is empty")
-    count = int(x.size)
-    total = 0.0
-    for start in range(0, x.shape[0], _STAT_CHUNK):
-        total += float(np.sum(x[start:start + _STAT_CHUNK], dtype=np.float64))
-    mean = total / count
-    squares = 0.0
-    for start in range(0, x.shape[0], _STAT_CHUNK):
-        centred = x[start:start + _STAT_CHUNK].astype(np.float64) - mean
-        squares += float(np.sum(centred * centred))
-    std = math.sqrt(squares / count)
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise ValueError(f"cannot normalise: training mean {mean!r}, std {std!r}")
-    return {"mean": mean, "std": std, "count": count}
 
 
 def _read_windows(root: Path, records: Sequence[str], *, sampling_rate: int, length: int,
@@ -681,6 +567,58 @@ def _read_windows(root: Path, records: Sequence[str], *, sampling_rate: int, len
         n_samples[i] = signal.shape[0]
         x[i] = preprocess(signal, sampling_rate=sampling_rate, length=length)
     return {"x": x, "record": np.array(list(records), dtype=str), "n_samples": n_samples}
+
+
+def _labelled_records(root: Path, reference: str | os.PathLike[str], folds: str | os.PathLike[str] | None,
+                     roles: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """The reference's records whose fold has a role, with labels and folds (reference order),
+    after checking the folds file against the reference; plus both files and the total."""
+    ref_path = Path(reference).expanduser()
+    ref_path = ref_path if ref_path.is_absolute() else root / ref_path
+    records, labels = read_reference(ref_path, data_dir=root)
+    folds_path = vendored_folds_path() if folds is None else Path(folds).expanduser().resolve()
+    fold_records, fold_labels, fold_numbers = read_folds(folds_path)
+    check_folds(fold_records, fold_labels, records, labels, folds_source=str(folds_path),
+                reference_source=str(ref_path))
+    fold_of = dict(zip(fold_records, fold_numbers))
+    used = set().union(*roles.values())
+    keep = [i for i, r in enumerate(records) if fold_of[r] in used]
+    return {"records": [records[i] for i in keep], "y": np.array([CLASSES.index(labels[i]) for i in keep], np.int32),
+            "fold": np.array([fold_of[records[i]] for i in keep], np.int64), "reference": ref_path,
+            "folds_file": folds_path, "n_records": len(records)}
+
+
+def _windows(root: Path, records: Sequence[str], *, rate: int, length: int, window_seconds: float,
+             cache_dir: str | os.PathLike[str] | None, use_cache: bool, progress: bool) -> dict[str, Any]:
+    """The un-normalised windows of ``records`` from the cache or the files, checked, with
+    the cache's key, file and digest (:func:`detjax.data.cache.load_or_build`)."""
+    key = content_key(root, records, sampling_rate=rate, window_seconds=window_seconds, length=length)
+    path = cache.cache_root(cache_dir) / "cinc2017" / f"cinc2017-{rate}hz-{length}-{key}.npz"
+    arrays, digest, hit = cache.load_or_build(
+        path, key, _CACHE_ARRAYS, use_cache=use_cache, what="CinC 2017",
+        build=lambda: _read_windows(root, records, sampling_rate=rate, length=length, progress=progress))
+    if hit:
+        names = [str(r) for r in arrays["record"]]
+        cache.check_cached_signals(arrays["x"], shape=(len(records), length), path=path, what="CinC 2017",
+                                   names=names if len(names) == len(records) else records)
+    if arrays["record"].tolist() != list(records) or arrays["x"].shape != (len(records), length):
+        raise ValueError(f"cache file {path}: records or shape disagree with the label file; delete the file")
+    return {**arrays, "key": key, "digest": digest, "path": path, "hit": hit}
+
+
+def _split_and_normalise(x: np.ndarray, labelled: Mapping[str, Any], roles: Mapping[str, Sequence[int]],
+                         limit: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, members, norm)``: statistics of the whole train split, then each split's
+    first ``limit`` records normalised (:mod:`detjax.data.splits`)."""
+    members = S.split_indices(labelled["fold"], roles)
+    norm = train_statistics(x[members["train"]][..., None])
+    members = S.first_records(members, limit)
+    out: dict[str, Any] = {}
+    for name, idx in members.items():
+        out[f"x_{name}"] = S.normalise(x[idx][..., None], norm)
+        out[f"y_{name}"] = labelled["y"][idx]
+        out[f"record_{name}"] = np.array([labelled["records"][i] for i in idx], dtype=str)
+    return out, members, norm
 
 
 def load_cinc2017(
@@ -708,8 +646,8 @@ def load_cinc2017(
       cv_fold: 0, 1, 2: ``(test, val)`` folds ``(10, 9), (9, 8), (8, 10)``, train the rest.
       folds: folds CSV (``record,label,fold``); default the vendored file. Must cover exactly
         the reference's records with the same labels.
-      limit: read only the first ``limit`` records (reference order) of each split, for
-        smoke runs; the normalisation statistics then come from that smaller train split.
+      limit: keep the first ``limit`` records (reference order) of each split, cut after the
+        normalisation statistics of the whole training split (so every record is read).
       cache_dir, use_cache: the ``.npz`` cache of the windows (see the module docstring).
       progress: a tqdm bar while reading records.
       fold_split: ``{"train", "val", "test"}`` fold lists replacing the rotation's folds
@@ -719,101 +657,35 @@ def load_cinc2017(
     into :data:`CLASSES`, ``record_train (n,)`` str (and ``_val``, ``_test``); ``labels``,
     ``sampling_rate``, ``window_seconds``, ``window_length``, ``cv_fold``, ``folds`` (fold
     numbers per split), ``n`` and ``counts`` (per split, per class), ``padded`` (records per
-    split shorter than the window), ``norm`` (``mean``, ``std`` float64, ``count``),
-    ``fingerprint`` (sha256 of the nine arrays), ``fingerprints`` per split and ``source``.
+    split shorter than the window), ``norm`` (``mean``, ``std`` float64, ``count``), ``limit``
+    and ``source`` (``data_source`` kind, ``content_sha256``, ``windows_fingerprint``, ...).
     """
     rate = _positive_int(sampling_rate, "sampling_rate")
     length = window_length(window_seconds, rate)
-    if fold_split is None:
-        split_of = split_folds(cv_fold)
-    else:
-        from detjax.cv import check_split
-
-        split_of = check_split(fold_split, N_FOLDS)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
-        raise ValueError(f"limit must be a positive number of records per split, got {limit!r}")
-    root = resolve_data_dir(data_dir)
-    ref_path = Path(reference).expanduser()
-    ref_path = ref_path if ref_path.is_absolute() else root / ref_path
-    records, labels = read_reference(ref_path, data_dir=root)
-    folds_path = vendored_folds_path() if folds is None else Path(folds).expanduser().resolve()
-    fold_records, fold_labels, fold_numbers = read_folds(folds_path)
-    check_folds(fold_records, fold_labels, records, labels, folds_source=str(folds_path),
-                reference_source=str(ref_path))
-    fold_of = dict(zip(fold_records, fold_numbers))
-
-    members = {name: [i for i, r in enumerate(records) if fold_of[r] in split_of[name]]
-               for name in ("train", "val", "test")}
-    if limit is not None:
-        members = {name: idx[:int(limit)] for name, idx in members.items()}
-    selected = sorted(i for idx in members.values() for i in idx)  # reference order
-    selected_records = [records[i] for i in selected]
-
-    key = content_key(root, selected_records, sampling_rate=rate, window_seconds=float(window_seconds),
-                      length=length)
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cache_path = _cache_file(cache_root, key, rate, length)
-    cached = _read_cache(cache_path, key, _CACHE_ARRAYS, "CinC 2017") if use_cache else None
-    if cached is not None:
-        arrays, digest = cached
-        cached_names = [str(r) for r in arrays["record"]]
-        check_cached_signals(arrays["x"], shape=(len(selected), length), path=cache_path, what="CinC 2017",
-                             names=cached_names if len(cached_names) == len(selected) else selected_records)
-    else:
-        arrays = _read_windows(root, selected_records, sampling_rate=rate, length=length, progress=progress)
-        digest = fingerprint(arrays)
-        if use_cache:
-            _write_cache(cache_path, key, arrays, digest, "CinC 2017")
-    if arrays["record"].tolist() != selected_records or arrays["x"].shape != (len(selected), length):
-        raise ValueError(f"cache file {cache_path}: records or shape disagree with {ref_path}; delete the file")
-
-    row_of = {i: j for j, i in enumerate(selected)}
-    y_all = np.array([CLASSES.index(label) for label in labels], dtype=np.int32)
-    out: dict[str, Any] = {}
-    raw: dict[str, np.ndarray] = {}
-    for name, idx in members.items():
-        rows = np.array([row_of[i] for i in idx], dtype=np.int64)
-        raw[name] = arrays["x"][rows][..., None]
-        out[f"y_{name}"] = y_all[np.array(idx, dtype=np.int64)]
-        out[f"record_{name}"] = np.array([records[i] for i in idx], dtype=str)
-    norm = train_statistics(raw["train"])
-    mu32, sigma32 = np.float32(norm["mean"]), np.float32(norm["std"])
-    for name in members:
-        out[f"x_{name}"] = ((raw[name] - mu32) / sigma32).astype(np.float32, copy=False)
-    arrays_out = {k: out[k] for k in sorted(out)}
-    n_samples = arrays["n_samples"]
+    roles = S.fold_roles(cv_fold, fold_split, N_FOLDS)
+    limit = S.check_limit(limit)
+    root, data_source = cache.resolve_data_dir(data_dir, what="CinC 2017", hint=MANUAL_DOWNLOAD_HINT,
+                                               env=ENV_DATA_DIR)
+    labelled = _labelled_records(root, reference, folds, roles)
+    windows = _windows(root, labelled["records"], rate=rate, length=length, window_seconds=float(window_seconds),
+                       cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    out, members, norm = _split_and_normalise(windows["x"], labelled, roles, limit)
     # resample() gives ceil(n * rate / 300) samples; fewer than the window means zero padding.
-    padded = -(-n_samples * rate // NATIVE_RATE) < length
+    padded = -(-windows["n_samples"] * rate // NATIVE_RATE) < length
     out.update(
-        labels=CLASSES,
-        sampling_rate=rate,
-        window_seconds=float(window_seconds),
-        window_length=length,
-        cv_fold=int(cv_fold),
-        folds={k: list(v) for k, v in split_of.items()},
+        labels=CLASSES, sampling_rate=rate, window_seconds=float(window_seconds), window_length=length,
+        cv_fold=int(cv_fold), folds={k: list(v) for k, v in roles.items()},
         n={name: len(idx) for name, idx in members.items()},
-        counts={name: {c: int(np.sum(out[f"y_{name}"] == k)) for k, c in enumerate(CLASSES)}
-                for name in members},
-        padded={name: int(sum(bool(padded[row_of[i]]) for i in idx)) for name, idx in members.items()},
-        norm=norm,
-        fingerprint=fingerprint(arrays_out),
-        fingerprints={name: fingerprint({"x": out[f"x_{name}"], "y": out[f"y_{name}"],
-                                         "record": out[f"record_{name}"]}) for name in members},
+        counts={name: S.label_counts(out[f"y_{name}"], CLASSES) for name in members},
+        padded={name: int(padded[idx].sum()) for name, idx in members.items()}, norm=norm, limit=limit,
         source={
-            "dataset": "PhysioNet/CinC Challenge 2017 training set",
-            "data_dir": str(root),
-            "reference": str(ref_path),
-            "reference_sha256": _download.file_sha256(ref_path),
-            "folds_file": str(folds_path),
-            "folds_sha256": _download.file_sha256(folds_path),
-            "n_records": len(records),
-            "n_read": len(selected),
-            "limit": None if limit is None else int(limit),
-            "loader_version": LOADER_VERSION,
-            "content_sha256": key,
-            "windows_fingerprint": digest,
-            "cache_file": str(cache_path) if use_cache else None,
-            "from_cache": cached is not None,
+            "dataset": "PhysioNet/CinC Challenge 2017 training set", "data_dir": str(root),
+            "data_source": data_source, "reference": str(labelled["reference"]),
+            "reference_sha256": _download.file_sha256(labelled["reference"]),
+            "folds_file": str(labelled["folds_file"]), "folds_sha256": _download.file_sha256(labelled["folds_file"]),
+            "n_records": labelled["n_records"], "n_read": len(labelled["records"]), "loader_version": LOADER_VERSION,
+            "content_sha256": windows["key"], "windows_fingerprint": windows["digest"],
+            "cache_file": str(windows["path"]) if use_cache else None, "from_cache": windows["hit"],
         },
     )
     return out
@@ -923,47 +795,26 @@ def download_cinc2017(
 ) -> Path:
     """Fetch the training set from PhysioNet into ``dest``; returns the folder to load.
 
-    Downloads ``SHA256SUMS.txt`` from ``base_url`` (default
-    ``https://physionet.org/files/challenge-2017/1.0.0/``), then ``training2017.zip`` and
-    ``REFERENCE-v3.csv``, each streamed to a temporary file and kept only if its SHA-256
-    equals the listed one (:class:`~detjax.data._download.ChecksumError` otherwise; files
-    already present with the right digest are not fetched again). The archive is unpacked
-    to ``dest/training2017`` and ``REFERENCE-v3.csv`` copied into it; ``SHA256SUMS.txt`` is
-    written last. Returns ``dest/training2017``, ready for :func:`load_cinc2017`. Without
-    network this fails within ``timeout`` with a :class:`~detjax.data._download.DownloadError`
-    that says how to download by hand.
+    ``training2017.zip`` and ``REFERENCE-v3.csv`` from ``base_url`` (default
+    ``https://physionet.org/files/challenge-2017/1.0.0/``), each verified against its
+    ``SHA256SUMS.txt`` by :func:`detjax.data._download.fetch_release` (resumable; without
+    network a ``DownloadError`` within ``timeout`` says how to download by hand). The archive
+    is unpacked to ``dest/training2017`` and the label file copied into it before
+    ``SHA256SUMS.txt`` is written. Returns ``dest/training2017``, ready for :func:`load_cinc2017`.
     """
-    base = base_url if base_url is not None else PHYSIONET_URL
-    if not base.endswith("/"):
-        base += "/"
     dest = Path(dest).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        sums_text = _download.fetch_bytes(base + "SHA256SUMS.txt", timeout=timeout).decode("utf-8")
-    except _download.DownloadError as exc:
-        raise _download.DownloadError(f"CinC 2017 could not be downloaded: {exc}. {MANUAL_DOWNLOAD_HINT}") from exc
-    sums = _download.parse_sha256sums(sums_text, source=base + "SHA256SUMS.txt")
+
+    def unpack(sums: Mapping[str, str]) -> Path:
+        folder = _extract(dest / TRAINING_ZIP, dest)
+        if not _download.verified(folder / DEFAULT_REFERENCE, sha256=sums[DEFAULT_REFERENCE]):
+            with _download.atomic_file(folder / DEFAULT_REFERENCE) as out:
+                out.write((dest / DEFAULT_REFERENCE).read_bytes())
+        return folder
+
     wanted = (TRAINING_ZIP, DEFAULT_REFERENCE)
-    for name in wanted:
-        if name not in sums:
-            raise ValueError(f"{base}SHA256SUMS.txt does not list {name}; is {base} the CinC 2017 release?")
-    try:
-        _download.fetch_tree(base, dest, sums, select=lambda name: name in wanted, timeout=timeout,
-                             progress=progress)
-    except _download.DownloadError as exc:
-        raise _download.DownloadError(f"CinC 2017 download stopped: {exc}. Files already verified are kept; run "
-                                      f"again to resume. {MANUAL_DOWNLOAD_HINT}") from exc
-    folder = _extract(dest / TRAINING_ZIP, dest)
-    if not (folder / DEFAULT_REFERENCE).is_file() or \
-            _download.file_sha256(folder / DEFAULT_REFERENCE) != sums[DEFAULT_REFERENCE]:
-        tmp = folder / f".{DEFAULT_REFERENCE}.part"
-        shutil.copyfile(dest / DEFAULT_REFERENCE, tmp)
-        os.replace(tmp, folder / DEFAULT_REFERENCE)
-    # Written last: its presence marks a complete download.
-    tmp = dest / ".SHA256SUMS.txt.part"
-    tmp.write_text(sums_text, encoding="utf-8")
-    os.replace(tmp, dest / "SHA256SUMS.txt")
-    return folder
+    return _download.fetch_release(base_url if base_url is not None else PHYSIONET_URL, dest,
+                                   select=lambda name: name in wanted, required=wanted, what="CinC 2017",
+                                   hint=MANUAL_DOWNLOAD_HINT, timeout=timeout, progress=progress, finish=unpack)
 
 
 # --------------------------------------------------------------------------- command line

@@ -9,6 +9,9 @@ with images ``uint8`` of shape ``(N, H, W)`` (grayscale) or ``(N, H, W, 3)`` (RG
 labels of shape ``(N, 1)`` (or ``(N, L)`` for the multi-label ChestMNIST).
 :func:`load_medmnist` checks the file's MD5 against the official one, validates every
 array and returns channel-last ``uint8`` images ``(N, H, W, C)`` and ``int32`` labels.
+``limit`` keeps the first records of each split (:mod:`detjax.data.splits`; MedMNIST has no
+data-dependent statistics: :func:`preprocess` maps each pixel alone). Downloads go through
+:func:`detjax.data._download.fetch` with the official MD5.
 
 Metadata (task, channels, class names, split sizes, MD5s) come from ``medmnist.INFO``
 when the optional ``medmnist`` package is importable, and otherwise from the built-in
@@ -23,12 +26,8 @@ and ``pneumoniamnist.npz`` were also checked against the real files.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import tempfile
 import types
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -37,31 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from detjax.data import _download, cache
+from detjax.data import splits as S
 from detjax.data._download import DEFAULT_TIMEOUT, ChecksumError, DownloadError
 
-__all__ = [
-    "FLAGS",
-    "SIZES",
-    "SPLITS",
-    "TASKS",
-    "BUILTIN_INFO",
-    "ZENODO_RECORD",
-    "DatasetInfo",
-    "MedMNIST",
-    "dataset_info",
-    "file_name",
-    "official_url",
-    "vendored_dir",
-    "md5_file",
-    "verify_md5",
-    "load_medmnist",
-    "preprocess",
-    "download",
-    "scores_from_logits",
-    "evaluate",
-    "ChecksumError",
-    "DownloadError",
-]
+__all__ = ["FLAGS", "SIZES", "SPLITS", "TASKS", "BUILTIN_INFO", "ZENODO_RECORD", "DatasetInfo", "MedMNIST",
+           "dataset_info", "file_name", "official_url", "vendored_dir", "md5_file", "verify_md5",
+           "load_medmnist", "preprocess", "download", "scores_from_logits", "evaluate", "ChecksumError",
+           "DownloadError"]
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
@@ -312,11 +294,7 @@ def vendored_dir() -> Path:
 
 def md5_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex MD5 of a file's bytes, read in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _download.file_digests(path, ("md5",), chunk=chunk_size)["md5"]
 
 
 def _mismatch_message(path: Any, expected: str, actual: str) -> str:
@@ -337,7 +315,10 @@ def verify_md5(path: str | os.PathLike, expected: str | None) -> str:
       ChecksumError (a ``ValueError``): the digests differ; the message names the path
         and both digests.
     """
-    actual = md5_file(path)
+    return _check_md5(path, expected, md5_file(path))
+
+
+def _check_md5(path: Any, expected: str | None, actual: str) -> str:
     if expected is None:
         warnings.warn(
             f"no official MD5 known for {path}; its content is not verified (MD5 {actual})", stacklevel=2
@@ -353,7 +334,8 @@ class MedMNIST:
 
     Images are ``uint8 (N, H, W, C)`` channel-last (a channel axis is added for grayscale
     sets); labels are ``int32 (N, 1)``, or ``(N, L)`` of 0/1 for multi-label tasks.
-    ``md5`` is the MD5 of the file that was read.
+    ``md5`` and ``sha256`` are digests of the file that was read; ``data_source`` says how its
+    folder was given (:func:`detjax.data.cache.resolve_data_dir`).
     """
 
     flag: str
@@ -367,6 +349,8 @@ class MedMNIST:
     info: DatasetInfo
     path: Path
     md5: str
+    sha256: str = ""
+    data_source: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -387,23 +371,18 @@ class MedMNIST:
         return getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
 
 
-def _resolve_path(flag: str, data_dir: str | os.PathLike | None, size: int) -> Path:
-    if data_dir is None:
-        if (flag, size) not in _VENDORED:
-            raise ValueError(
-                f"{file_name(flag, size)} is not shipped with detjax (only breastmnist.npz is): "
-                f"pass data_dir (CLI: --data-dir), e.g. data/medmnist, "
-                f"or fetch it with detjax.data.medmnist.download({flag!r}, dest_dir, size={size})"
-            )
-        data_dir = vendored_dir()
-    path = Path(data_dir) / file_name(flag, size)
+def _resolve_path(flag: str, data_dir: str | os.PathLike | None, size: int) -> tuple[Path, dict[str, str]]:
+    fetch = f"detjax.data.medmnist.download({flag!r}, {str(data_dir or 'dest_dir')!r}, size={size})"
+    if data_dir is None and (flag, size) not in _VENDORED:
+        raise ValueError(f"{file_name(flag, size)} is not shipped with detjax (only breastmnist.npz is): pass "
+                         f"data_dir (CLI: --data-dir), e.g. data/medmnist, or fetch it with {fetch}")
+    folder, data_source = cache.resolve_data_dir(data_dir, what="MedMNIST", vendored=vendored_dir(),
+                                                 hint=f"Fetch the file with {fetch}")
+    path = folder / file_name(flag, size)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"MedMNIST file not found: {path} (download it with "
-            f"detjax.data.medmnist.download({flag!r}, {str(Path(data_dir))!r}, size={size}) "
-            f"or from {official_url(flag, size)})"
-        )
-    return path
+        raise FileNotFoundError(f"MedMNIST file not found: {path} (download it with {fetch} "
+                                f"or from {official_url(flag, size)})")
+    return path, data_source
 
 
 def _image_array(images: np.ndarray, key: str, info: DatasetInfo, size: int, path: Path) -> np.ndarray:
@@ -466,6 +445,7 @@ def load_medmnist(
     *,
     size: int = 28,
     verify: bool = True,
+    limit: int | None = None,
 ) -> MedMNIST:
     """Load all splits of a 2-D MedMNIST dataset from its official ``.npz`` file.
 
@@ -476,6 +456,8 @@ def load_medmnist(
       size: image side, one of 28, 64, 128, 224.
       verify: check the file's MD5 against the official one (``ValueError`` on mismatch;
         a ``UserWarning`` when no official MD5 is known).
+      limit: keep the first ``limit`` records of each split (all for ``None``); the whole
+        file is still read and verified.
 
     Returns:
       a :class:`MedMNIST` with ``uint8 (N, size, size, C)`` images and ``int32`` labels.
@@ -488,16 +470,17 @@ def load_medmnist(
     """
     flag, size = _check_flag(flag), _check_size(size)
     info = dataset_info(flag)
-    path = _resolve_path(flag, data_dir, size)
-    digest = verify_md5(path, info.md5.get(size)) if verify else md5_file(path)
+    path, data_source = _resolve_path(flag, data_dir, size)
+    digests = _download.file_digests(path, ("md5", "sha256"))  # one read for both
+    if verify:
+        _check_md5(path, info.md5.get(size), digests["md5"])
     raw = _read_npz(path)
     arrays: dict[str, np.ndarray] = {}
     for split in SPLITS:
         images = _image_array(raw[f"{split}_images"], f"{split}_images", info, size, path)
-        n = images.shape[0]
-        arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = _label_array(raw[f"{split}_labels"], f"{split}_labels", info, n, path)
-    return MedMNIST(flag=flag, size=size, info=info, path=path, md5=digest, **arrays)
+        labels = _label_array(raw[f"{split}_labels"], f"{split}_labels", info, images.shape[0], path)
+        arrays.update(S.first_records({f"{split}_images": images, f"{split}_labels": labels}, limit))
+    return MedMNIST(flag=flag, size=size, info=info, path=path, data_source=data_source, **digests, **arrays)
 
 
 def preprocess(images: np.ndarray) -> np.ndarray:
@@ -545,45 +528,20 @@ def download(
     flag, size = _check_flag(flag), _check_size(size)
     expected = dataset_info(flag).md5.get(size)
     url = url or official_url(flag, size)
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    final = dest_dir / file_name(flag, size)
-    if final.is_file() and expected is not None and md5_file(final) == expected:
+    final = Path(dest_dir) / file_name(flag, size)
+    if expected is not None and _download.verified(final, md5=expected):
         return final
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=dest_dir)
-    tmp = Path(tmp_name)
-    digest = hashlib.md5(usedforsecurity=False)
+    if expected is None:
+        warnings.warn(f"no official MD5 known for {final.name}; the downloaded file is not verified", stacklevel=2)
     try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                request = urllib.request.Request(url, headers={"User-Agent": "detjax-downloader/1"})
-                with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-                    while chunk := response.read(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-            except (urllib.error.URLError, OSError) as err:
-                if isinstance(err, urllib.error.HTTPError):
-                    reason = f"the server answered HTTP {err.code} {err.reason}"
-                else:
-                    reason = getattr(err, "reason", err)
-                raise DownloadError(
-                    f"cannot download {flag} ({file_name(flag, size)}) from {url}: {reason}. "
-                    f"If this machine is offline, fetch the file elsewhere, put it in a folder "
-                    f"and pass that folder as data_dir (CLI: --data-dir)"
-                ) from err
-        actual = digest.hexdigest()
-        if expected is None:
-            warnings.warn(
-                f"no official MD5 known for {final.name}; downloaded file not verified (MD5 {actual})",
-                stacklevel=2,
-            )
-        elif actual != expected:
-            raise ChecksumError(_mismatch_message(f"{final.name} downloaded from {url}", expected, actual))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+        return _download.fetch(url, final, md5=expected, timeout=timeout)
+    except DownloadError as err:
+        raise DownloadError(f"cannot download {flag} ({final.name}): {err}. If this machine is offline, fetch the "
+                            f"file elsewhere, put it in a folder and pass that folder as data_dir (CLI: --data-dir)"
+                            ) from err
+    except ChecksumError as err:
+        raise ChecksumError(_mismatch_message(f"{final.name} downloaded from {url}", expected, err.actual),
+                            algorithm="md5", expected=expected, actual=err.actual) from err
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

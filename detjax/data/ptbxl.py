@@ -12,35 +12,22 @@ Labels. For record ``i`` and rhythm code ``c`` (in the order of :data:`RHYTHM_LA
 and the 12 codes must be exactly the rows of ``scp_statements.csv`` with ``rhythm == 1``,
 in that order (checked; a different statements file raises).
 
-Splits (``strat_fold``). CV rotation ``k`` uses ``(test, val) = CV_FOLDS[k]``
-(``(10, 9), (9, 8), (8, 10)``); train is every other fold, restricted to records with at
-least one rhythm label; validation and test keep every record of their fold.
+Splits, normalisation and ``limit`` follow :mod:`detjax.data.splits` with the folds of
+``strat_fold``: CV rotation ``k`` uses ``(test, val) = CV_FOLDS[k]``; train is every other
+fold, restricted to records with at least one rhythm label; validation and test keep every
+record of their fold. The statistics' mean is one float64 ``np.sum`` over all train values
+(``chunked_mean=False``); ``limit`` keeps the first records of each split after it.
 
-Normalisation. One scalar mean and standard deviation over every value of the training
-split, accumulated in float64::
-
-    mu = sum(x_train) / n,   sigma = sqrt(sum((x_train - mu)^2) / n)   (population, ddof=0)
-    x' = (x - float32(mu)) / float32(sigma)                          (float32 arithmetic)
-
-applied to train, validation and test alike.
-
-Cache. Loaded arrays are stored as ``.npz`` under ``cache_dir`` (default
-``$DETJAX_CACHE_DIR`` or ``~/.cache/detjax``), named by a SHA-256 over the bytes of both
-CSV files, every record file used, the loader version, sampling rate and lead selection:
-any changed byte selects a different cache file. Files are written to a temporary name
-and moved with ``os.replace`` (a crash leaves no partial cache) and carry a digest of
-their own arrays, so a corrupt file is detected, reported with a warning and rebuilt.
+Cache (:mod:`detjax.data.cache`): ``cache_dir/ptbxl``, keyed by the bytes of both CSV
+files, every record file used, the loader version, sampling rate and lead selection.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,37 +36,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from detjax.data import _download
+from detjax.data import _download, cache
+from detjax.data import splits as S
+from detjax.data.splits import CV_FOLDS
 
-__all__ = [
-    "RHYTHM_LABELS",
-    "LEAD_NAMES",
-    "LEAD_PRESETS",
-    "CV_FOLDS",
-    "SAMPLING_RATES",
-    "LOADER_VERSION",
-    "PHYSIONET_URL",
-    "PTBXL",
-    "Subset",
-    "Splits",
-    "vendored_sample_dir",
-    "default_cache_dir",
-    "resolve_leads",
-    "read_database",
-    "read_scp_statements",
-    "check_rhythm_labels",
-    "parse_scp_codes",
-    "rhythm_targets",
-    "read_record",
-    "content_key",
-    "load_ptbxl",
-    "split",
-    "normalize",
-    "fingerprint",
-    "label_counts",
-    "prepare_ptbxl",
-    "download",
-]
+__all__ = ["RHYTHM_LABELS", "LEAD_NAMES", "LEAD_PRESETS", "CV_FOLDS", "SAMPLING_RATES", "LOADER_VERSION",
+           "PHYSIONET_URL", "PTBXL", "Subset", "Splits", "vendored_sample_dir", "resolve_leads",
+           "read_database", "read_scp_statements", "check_rhythm_labels", "parse_scp_codes", "rhythm_targets",
+           "read_record", "content_key", "load_ptbxl", "split", "normalize", "prepare_ptbxl", "download"]
 
 #: The 12 rhythm labels of the paper's task, in output-column order (docs/method.md §8).
 RHYTHM_LABELS: tuple[str, ...] = (
@@ -95,8 +59,6 @@ LEAD_PRESETS: dict[str, tuple[str, ...]] = {
     "limb": LEAD_NAMES[:6],
     "precordial": LEAD_NAMES[6:],
 }
-#: ``(test_fold, val_fold)`` for the three CV rotations; rotation 0 is the official split.
-CV_FOLDS: tuple[tuple[int, int], ...] = ((10, 9), (9, 8), (8, 10))
 #: Sampling rate -> database column holding the record path (without extension).
 SAMPLING_RATES: dict[int, str] = {100: "filename_lr", 500: "filename_hr"}
 RECORD_SECONDS = 10
@@ -115,7 +77,6 @@ DATABASE_CSV = "ptbxl_database.csv"
 SCP_CSV = "scp_statements.csv"
 _DB_COLUMNS = ("ecg_id", "scp_codes", "strat_fold")
 _CACHE_ARRAYS = ("x", "y", "fold", "ecg_id")
-_STAT_CHUNK = 256  # records per float64 chunk in normalize(); fixed so the sums are reproducible
 
 
 # --------------------------------------------------------------------------- containers
@@ -175,12 +136,6 @@ class Splits:
 def vendored_sample_dir() -> Path:
     """Folder of the vendored 500-record, 100 Hz PTB-XL sample (CC BY 4.0, see NOTICE.md)."""
     return Path(__file__).resolve().parent / "vendored" / "ptbxl-sample"
-
-
-def default_cache_dir() -> Path:
-    """``$DETJAX_CACHE_DIR`` if set, else ``~/.cache/detjax``."""
-    env = os.environ.get("DETJAX_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "detjax"
 
 
 def resolve_leads(leads: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -307,22 +262,9 @@ def _record_path(data_dir: Path, relative: str, *, ecg_id: int) -> Path:
 
 
 def _signal_files(record: Path) -> list[Path]:
-    """The header plus the signal files it names (for hashing); tolerant of broken headers.
-
-    A header we cannot parse still gets hashed; its ``<record>.dat`` stands in for the
-    signal files, and :func:`read_record` reports the real problem.
-    """
-    header = record.with_name(record.name + ".hea")
-    files = [header]
-    try:
-        lines = [ln for ln in header.read_text(errors="replace").splitlines()
-                 if ln.strip() and not ln.lstrip().startswith("#")]
-        n_sig = int(lines[0].split()[1])
-        names = sorted({lines[1 + i].split()[0] for i in range(n_sig)})
-    except (OSError, IndexError, ValueError):
-        names = [record.name + ".dat"]
-    files += [record.parent / name for name in names]
-    return files
+    """The header plus the signal files it names (:func:`~detjax.data.cache.wfdb_files`;
+    ``<record>.dat`` stands in when the header cannot be parsed)."""
+    return cache.wfdb_files(record.with_name(record.name + ".hea"), record.name + ".dat")
 
 
 def _missing(path: Path, *, ecg_id: int, record: Path) -> FileNotFoundError:
@@ -426,111 +368,35 @@ def content_key(
     and signal files, so editing any of them changes the key. Raises ``FileNotFoundError``
     naming the record when one of its files is missing.
     """
-    files: list[tuple[str, str]] = []
-    for name in (DATABASE_CSV, SCP_CSV):
-        files.append((name, _download.file_sha256(data_dir / name)))
+    files = [(name, data_dir / name) for name in (DATABASE_CSV, SCP_CSV)]
     for record, ecg_id in zip(record_paths, ecg_ids):
         for path in _signal_files(record):
             if not path.is_file():
                 raise _missing(path, ecg_id=int(ecg_id), record=record)
-            files.append((Path(os.path.relpath(path, data_dir)).as_posix(), _download.file_sha256(path)))
-    spec = {
-        "loader": LOADER_VERSION,
-        "sampling_rate": int(sampling_rate),
-        "leads": list(leads),
-        "labels": list(RHYTHM_LABELS),
-        "files": files,
-    }
-    return hashlib.sha256(json.dumps(spec, separators=(",", ":")).encode()).hexdigest()
+            files.append((Path(os.path.relpath(path, data_dir)).as_posix(), path))
+    spec = {"loader": LOADER_VERSION, "sampling_rate": int(sampling_rate), "leads": list(leads),
+            "labels": list(RHYTHM_LABELS)}
+    return cache.content_key(spec, files)
 
 
-def fingerprint(arrays: Mapping[str, Any]) -> str:
-    """SHA-256 of named arrays (names, dtypes, shapes and values; see :mod:`detjax.hashing`)."""
-    from detjax.hashing import tree_sha256
-
-    return tree_sha256({str(k): np.asarray(v) for k, v in arrays.items()})
-
-
-def _cache_file(cache_dir: Path, key: str, sampling_rate: int) -> Path:
-    return cache_dir / "ptbxl" / f"ptbxl-{sampling_rate}hz-{key}.npz"
-
-
-def _read_cache(path: Path, key: str, names: Sequence[str] = _CACHE_ARRAYS,
-                what: str = "PTB-XL") -> tuple[dict[str, np.ndarray], str] | None:
-    """``(arrays, digest)`` from the cache, or ``None`` if absent; a corrupt file is reported and ignored.
-
-    Shared by the dataset loaders: ``names`` are the arrays the file must hold, ``what`` names
-    the dataset in the warning.
-    """
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in (*names, "key", "digest")}
-        if str(arrays.pop("key")) != key:
-            raise ValueError("content key differs from its file name")
-        digest = str(arrays.pop("digest"))
-        if fingerprint(arrays) != digest:
-            raise ValueError("array digest does not match")
-        return arrays, digest
-    except Exception as exc:  # truncated zip, bad CRC, missing member, wrong digest...
-        warnings.warn(f"{what} cache file {path} is corrupt ({type(exc).__name__}: {exc}); rebuilding it",
-                      RuntimeWarning, stacklevel=3)
-        return None
-
-
-def check_cached_signals(x: np.ndarray, *, shape: tuple[int, ...], names: Sequence[str], path: Path,
-                         what: str = "PTB-XL") -> None:
-    """Checks signals loaded from a cache as strictly as freshly read records: the exact
-    shape, float32 and finite values. A ``ValueError`` names the first bad record and the
-    cache file (a checksummed cache can still hold what an older or patched loader wrote)."""
-    fix = "delete the file and it is rebuilt from the records"
-    if x.dtype != np.float32 or tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{what} cache file {path}: signals of shape {tuple(x.shape)} {x.dtype}, expected "
-                         f"{tuple(shape)} float32; {fix}")
-    for start in range(0, x.shape[0], 1024):  # in chunks: no full-size boolean copy
-        bad = ~np.isfinite(x[start:start + 1024].reshape(min(1024, x.shape[0] - start), -1))
-        rows = np.flatnonzero(bad.any(axis=1))
-        if rows.size:
-            i = start + int(rows[0])
-            raise ValueError(f"{what} cache file {path}: record {names[i]} holds {int(bad[rows[0]].sum())} "
-                             f"non-finite values (NaN or inf), which a fresh read refuses; {fix}")
-
-
-def _write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], digest: str,
-                 what: str = "PTB-XL") -> bool:
-    """Write atomically (temp file in the same folder, fsync, ``os.replace``); ``False`` on failure."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive os.replace
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, key=np.array(key), digest=np.array(digest), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        return True
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if not isinstance(exc, OSError):
-            raise
-        # A full disk or read-only cache must not stop the load.
-        warnings.warn(f"could not write {what} cache {path}: {exc}", RuntimeWarning, stacklevel=3)
-        return False
+# Old names, still used by detjax/transfer.py and tests/test_faults.py.
+fingerprint, _write_cache = cache.fingerprint, cache.write_cache
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
-    path = vendored_sample_dir() if data_dir is None else Path(data_dir).expanduser().resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(2, f"PTB-XL data folder not found. {MANUAL_DOWNLOAD_HINT}", str(path))
-    return path
+def _read_signals(records: Sequence[Path], ecg_ids: np.ndarray, shape: tuple[int, int, int], *, rate: int,
+                  leads: tuple[str, ...], progress: bool) -> np.ndarray:
+    iterator: Any = zip(records, ecg_ids)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(records), desc="PTB-XL records", unit="rec")
+    x = np.empty(shape, dtype=np.float32)
+    for i, (record, ecg_id) in enumerate(iterator):
+        x[i] = read_record(record, ecg_id=int(ecg_id), sampling_rate=rate, leads=leads)
+    return x
 
 
 def load_ptbxl(
@@ -554,60 +420,39 @@ def load_ptbxl(
       progress: show a tqdm bar while reading records.
 
     Returns:
-      :class:`PTBXL`; ``source`` holds the paths, ``content_sha256`` (input files),
-      ``fingerprint`` (sha256 of ``x, y, fold, ecg_id``), the cache file and whether it was hit.
+      :class:`PTBXL`; ``source`` holds ``data_dir`` (a hint), ``data_source`` (``{"kind":
+      "argument" | "vendored"}``), ``content_sha256`` (input files), ``fingerprint`` (sha256
+      of ``x, y, fold, ecg_id``), the cache file and whether it was hit.
     """
     rate = _check_sampling_rate(sampling_rate)
     lead_names = resolve_leads(leads)
-    root = _resolve_data_dir(data_dir)
-    db_path, scp_path = root / DATABASE_CSV, root / SCP_CSV
-    database = read_database(db_path, sampling_rate=rate)
-    labels = check_rhythm_labels(read_scp_statements(scp_path), source=str(scp_path))
+    root, data_source = cache.resolve_data_dir(data_dir, what="PTB-XL", hint=MANUAL_DOWNLOAD_HINT,
+                                               vendored=vendored_sample_dir())
+    database = read_database(root / DATABASE_CSV, sampling_rate=rate)
+    labels = check_rhythm_labels(read_scp_statements(root / SCP_CSV), source=str(root / SCP_CSV))
     ecg_ids = database["ecg_id"].to_numpy(np.int64)
-    records = [_record_path(root, rel, ecg_id=int(i))
-               for rel, i in zip(database[SAMPLING_RATES[rate]], ecg_ids)]
+    records = [_record_path(root, rel, ecg_id=int(i)) for rel, i in zip(database[SAMPLING_RATES[rate]], ecg_ids)]
     codes = [parse_scp_codes(text, ecg_id=int(i)) for text, i in zip(database["scp_codes"], ecg_ids)]
-    y = rhythm_targets(codes, labels)
-    fold = database["strat_fold"].to_numpy(np.int64)
-
-    key = content_key(root, records, ecg_ids=ecg_ids, sampling_rate=rate, leads=lead_names)
-    cache_path = _cache_file(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
-                             key, rate)
-    cached = _read_cache(cache_path, key) if use_cache else None
-    n_samples = rate * RECORD_SECONDS
-    if cached is not None:
-        arrays, digest = cached
-        check_cached_signals(arrays["x"], shape=(len(records), n_samples, len(lead_names)),
-                             names=[f"ecg_id={int(i)}" for i in ecg_ids], path=cache_path)
-    else:
-        iterator = zip(records, ecg_ids)
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, total=len(records), desc="PTB-XL records", unit="rec")
-        x = np.empty((len(records), n_samples, len(lead_names)), dtype=np.float32)
-        for i, (record, ecg_id) in enumerate(iterator):
-            x[i] = read_record(record, ecg_id=int(ecg_id), sampling_rate=rate, leads=lead_names)
-        arrays = {"x": x, "y": y, "fold": fold, "ecg_id": ecg_ids}
-        digest = fingerprint(arrays)
-        if use_cache:
-            _write_cache(cache_path, key, arrays, digest)
     # Labels and folds come from the CSVs (hashed into the key); a mismatch means a bad cache.
-    for name in ("y", "fold", "ecg_id"):
-        if not np.array_equal(arrays[name], {"y": y, "fold": fold, "ecg_id": ecg_ids}[name]):
-            raise ValueError(f"cache file {cache_path}: {name!r} disagrees with {db_path}; delete the file")
-    source = {
-        "data_dir": str(root),
-        "database_csv": str(db_path),
-        "scp_statements_csv": str(scp_path),
-        "vendored_sample": data_dir is None,
-        "n_records": int(len(records)),
-        "loader_version": LOADER_VERSION,
-        "content_sha256": key,
-        "fingerprint": digest,
-        "cache_file": str(cache_path) if use_cache else None,
-        "from_cache": cached is not None,
-    }
+    from_csv = {"y": rhythm_targets(codes, labels), "fold": database["strat_fold"].to_numpy(np.int64),
+                "ecg_id": ecg_ids}
+    key = content_key(root, records, ecg_ids=ecg_ids, sampling_rate=rate, leads=lead_names)
+    cache_path = cache.cache_root(cache_dir) / "ptbxl" / f"ptbxl-{rate}hz-{key}.npz"
+    shape = (len(records), rate * RECORD_SECONDS, len(lead_names))
+    arrays, digest, hit = cache.load_or_build(
+        cache_path, key, _CACHE_ARRAYS, use_cache=use_cache, what="PTB-XL",
+        build=lambda: {"x": _read_signals(records, ecg_ids, shape, rate=rate, leads=lead_names, progress=progress),
+                       **from_csv})
+    if hit:
+        cache.check_cached_signals(arrays["x"], shape=shape, names=[f"ecg_id={int(i)}" for i in ecg_ids],
+                                   path=cache_path, what="PTB-XL")
+    for name, expected in from_csv.items():
+        if not np.array_equal(arrays[name], expected):
+            raise ValueError(f"cache file {cache_path}: {name!r} disagrees with {root / DATABASE_CSV}; "
+                             f"delete the file")
+    source = {"data_dir": str(root), "data_source": data_source, "n_records": len(records),
+              "loader_version": LOADER_VERSION, "content_sha256": key, "fingerprint": digest,
+              "cache_file": str(cache_path) if use_cache else None, "from_cache": hit}
     return PTBXL(x=arrays["x"], y=arrays["y"], fold=arrays["fold"], ecg_id=arrays["ecg_id"],
                  labels=labels, lead_names=lead_names, sampling_rate=rate, source=source)
 
@@ -616,68 +461,32 @@ def load_ptbxl(
 
 
 def split(data: PTBXL, *, cv_fold: int = 0, fold_split: Mapping[str, Sequence[int]] | None = None) -> Splits:
-    """Fold split of docs/method.md §8 for CV rotation ``cv_fold`` (0, 1 or 2).
-
-    ``(test, val) = CV_FOLDS[cv_fold]``; train = the other eight folds, only records with
+    """Fold split of docs/method.md §8 for CV rotation ``cv_fold`` (0, 1 or 2), or the folds
+    of ``fold_split`` (:func:`detjax.data.splits.fold_roles`); train keeps only records with
     at least one rhythm label. Record order within each split is the database order.
-    ``fold_split`` (``{"train", "val", "test"}`` fold lists, see :mod:`detjax.cv`) replaces
-    the rotation's folds (K-fold CV); train keeps the rhythm-label restriction.
     """
-    if cv_fold not in range(len(CV_FOLDS)):
-        raise ValueError(f"cv_fold must be 0, 1 or 2, got {cv_fold!r}")
-    if fold_split is None:
-        test_fold, val_fold = CV_FOLDS[cv_fold]
-        train_folds = tuple(f for f in range(1, 11) if f not in (test_fold, val_fold))
-        folds = {"train": train_folds, "val": (val_fold,), "test": (test_fold,)}
-    else:
-        from detjax.cv import check_split
-
-        folds = check_split(fold_split)
-    has_label = data.y.sum(axis=1) > 0
-    masks = {
-        "train": np.isin(data.fold, folds["train"]) & has_label,
-        "val": np.isin(data.fold, folds["val"]),
-        "test": np.isin(data.fold, folds["test"]),
-    }
-    subsets = {name: Subset(x=data.x[m], y=data.y[m], ecg_id=data.ecg_id[m]) for name, m in masks.items()}
+    folds = S.fold_roles(cv_fold, fold_split)
+    members = S.split_indices(data.fold, folds, train_mask=data.y.sum(axis=1) > 0)
+    subsets = {name: Subset(x=data.x[i], y=data.y[i], ecg_id=data.ecg_id[i]) for name, i in members.items()}
     return Splits(**subsets, cv_fold=cv_fold, folds=folds)
 
 
-def normalize(splits: Splits) -> tuple[Splits, dict[str, float]]:
-    """Global scalar z-normalisation with statistics from the training split only.
+def normalize(splits: Splits, *, limit: int | None = None) -> tuple[Splits, dict[str, float]]:
+    """Global scalar z-normalisation with statistics of the whole training split.
 
-    ``mu`` and population ``sigma`` are accumulated in float64 over all train values (in
-    fixed chunks of records, so the result does not depend on memory); every split becomes
-    ``(x - float32(mu)) / float32(sigma)`` in float32. Returns ``(splits, {"mean", "std",
-    "count"})`` with the float64 statistics.
+    ``(splits, {"mean", "std", "count"})``: :func:`detjax.data.splits.train_statistics`
+    (``chunked_mean=False``), then every split, cut to its first ``limit`` records, becomes
+    ``(x - float32(mu)) / float32(sigma)`` in float32.
     """
-    x = splits.train.x
-    if x.size == 0:
-        raise ValueError("cannot normalise: the training split is empty")
-    count = int(x.size)
-    mean = float(np.sum(x, dtype=np.float64) / count)
-    squares = 0.0
-    for start in range(0, x.shape[0], _STAT_CHUNK):
-        centred = x[start:start + _STAT_CHUNK].astype(np.float64) - mean
-        squares += float(np.sum(centred * centred))
-    std = math.sqrt(squares / count)
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise ValueError(f"cannot normalise: training mean {mean!r}, std {std!r}")
-    mu32, sigma32 = np.float32(mean), np.float32(std)
+    stats = S.train_statistics(splits.train.x, chunked_mean=False)
 
     def apply(subset: Subset) -> Subset:
-        return Subset(x=((subset.x - mu32) / sigma32).astype(np.float32, copy=False),
-                      y=subset.y, ecg_id=subset.ecg_id)
+        cut = S.first_records({"x": subset.x, "y": subset.y, "ecg_id": subset.ecg_id}, limit)
+        return Subset(x=S.normalise(cut["x"], stats), y=cut["y"], ecg_id=cut["ecg_id"])
 
     out = Splits(train=apply(splits.train), val=apply(splits.val), test=apply(splits.test),
                  cv_fold=splits.cv_fold, folds=splits.folds)
-    return out, {"mean": mean, "std": std, "count": count}
-
-
-def label_counts(y: np.ndarray, labels: Sequence[str] = RHYTHM_LABELS) -> dict[str, int]:
-    """Positives per label."""
-    totals = np.asarray(y).sum(axis=0)
-    return {label: int(round(float(n))) for label, n in zip(labels, totals)}
+    return out, stats
 
 
 def prepare_ptbxl(
@@ -690,22 +499,24 @@ def prepare_ptbxl(
     use_cache: bool = True,
     progress: bool = False,
     fold_split: Mapping[str, Sequence[int]] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Load, split and normalise: everything an experiment needs, as one dict.
+
+    ``limit``: the first ``limit`` records of each split, cut after the statistics of the
+    whole training split (:mod:`detjax.data.splits`); ``None`` keeps all.
 
     Keys: ``x_train, y_train, ecg_id_train`` (and ``_val``, ``_test``), ``labels``,
     ``lead_names``, ``sampling_rate``, ``cv_fold``, ``folds``, ``n`` (records per split),
     ``counts`` (positives per label per split), ``norm`` (``mean``, ``std``, ``count``),
-    ``fingerprint`` (sha256 of the nine normalised arrays above), ``fingerprints`` (per
-    split) and ``source`` (see :func:`load_ptbxl`).
+    ``limit`` and ``source`` (see :func:`load_ptbxl`).
     """
     data = load_ptbxl(data_dir, sampling_rate=sampling_rate, leads=leads, cache_dir=cache_dir,
                       use_cache=use_cache, progress=progress)
-    splits, stats = normalize(split(data, cv_fold=cv_fold, fold_split=fold_split))
+    splits, stats = normalize(split(data, cv_fold=cv_fold, fold_split=fold_split), limit=S.check_limit(limit))
     out: dict[str, Any] = {}
     for name, subset in splits.items():
         out[f"x_{name}"], out[f"y_{name}"], out[f"ecg_id_{name}"] = subset.x, subset.y, subset.ecg_id
-    arrays = {k: v for k, v in out.items()}
     out.update(
         labels=data.labels,
         lead_names=data.lead_names,
@@ -713,10 +524,9 @@ def prepare_ptbxl(
         cv_fold=cv_fold,
         folds={k: list(v) for k, v in splits.folds.items()},
         n={name: len(subset) for name, subset in splits.items()},
-        counts={name: label_counts(subset.y, data.labels) for name, subset in splits.items()},
+        counts={name: S.label_counts(subset.y, data.labels) for name, subset in splits.items()},
         norm=stats,
-        fingerprint=fingerprint(arrays),
-        fingerprints={name: fingerprint({"x": s.x, "y": s.y, "ecg_id": s.ecg_id}) for name, s in splits.items()},
+        limit=S.check_limit(limit),
         source=data.source,
     )
     return out
@@ -744,38 +554,15 @@ def download(
 ) -> Path:
     """Fetch PTB-XL from PhysioNet into ``dest_dir``; every file verified against SHA256SUMS.txt.
 
-    ``base_url`` defaults to ``https://physionet.org/files/ptb-xl/<version>/``. Files whose
-    SHA-256 already matches are skipped, so an interrupted download resumes. Each file is
-    streamed to a temporary name and renamed only after its checksum matched
-    (:class:`~detjax.data._download.ChecksumError` otherwise, nothing kept). Without network
-    this fails within ``timeout`` seconds with a :class:`~detjax.data._download.DownloadError`
-    explaining how to download by hand. Returns ``dest_dir``, ready for ``load_ptbxl``.
+    ``base_url`` defaults to ``https://physionet.org/files/ptb-xl/<version>/``; the files of
+    the chosen sampling rates are fetched by :func:`detjax.data._download.fetch_release`
+    (verified, resumable; without network a ``DownloadError`` within ``timeout`` explains how
+    to download by hand). Returns ``dest_dir``, ready for ``load_ptbxl``.
     """
     rates = tuple(_check_sampling_rate(rate) for rate in sampling_rates)
     if not rates:
         raise ValueError("sampling_rates must name at least one of 100, 500")
     base = base_url if base_url is not None else PHYSIONET_URL.format(version=version)
-    if not base.endswith("/"):
-        base += "/"
-    dest = Path(dest_dir).expanduser()
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        sums_text = _download.fetch_bytes(base + "SHA256SUMS.txt", timeout=timeout).decode("utf-8")
-    except _download.DownloadError as exc:
-        raise _download.DownloadError(f"PTB-XL {version} could not be downloaded: {exc}. "
-                                      f"{MANUAL_DOWNLOAD_HINT}") from exc
-    sums = _download.parse_sha256sums(sums_text, source=base + "SHA256SUMS.txt")
-    for required in (DATABASE_CSV, SCP_CSV):
-        if required not in sums:
-            raise ValueError(f"{base}SHA256SUMS.txt does not list {required}; is {base} a PTB-XL release?")
-    try:
-        _download.fetch_tree(base, dest, sums, select=lambda name: _wanted(name, rates),
-                             timeout=timeout, progress=progress)
-    except _download.DownloadError as exc:
-        raise _download.DownloadError(f"PTB-XL {version} download stopped: {exc}. Files already verified "
-                                      f"are kept; run again to resume. {MANUAL_DOWNLOAD_HINT}") from exc
-    # Written last: its presence marks a complete download of the selected files.
-    tmp = dest / ".SHA256SUMS.txt.part"
-    tmp.write_text(sums_text, encoding="utf-8")
-    os.replace(tmp, dest / "SHA256SUMS.txt")
-    return dest
+    _download.fetch_release(base, dest_dir, select=lambda name: _wanted(name, rates), required=(DATABASE_CSV, SCP_CSV),
+                            what=f"PTB-XL {version}", hint=MANUAL_DOWNLOAD_HINT, timeout=timeout, progress=progress)
+    return Path(dest_dir).expanduser()

@@ -44,6 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from detjax.cv import _strict
+from detjax.data.splits import normalise
+
 __all__ = ["SHIFTS", "SCORES", "apply_shift", "spare_vertex", "ood_scores", "auroc", "load_run",
            "make_forward", "evaluate_run", "robustness_table", "robustness_markdown", "markdown", "plot",
            "plot_robustness", "study_robustness"]
@@ -198,11 +201,16 @@ def make_forward(model, variables, batch_size: int = 256) -> Callable[[np.ndarra
     return forward
 
 
-def _norm(manifest: Mapping[str, Any]) -> tuple[float, float]:
+def _norm(manifest: Mapping[str, Any]) -> dict[str, float]:
     norm = (manifest.get("data_info") or {}).get("norm") or {}
     if "mean" not in norm or "std" not in norm:
         raise ValueError("the run's manifest records no normalisation (data_info.norm): not an ECG run")
-    return float(norm["mean"]), float(norm["std"])
+    return {"mean": float(norm["mean"]), "std": float(norm["std"])}
+
+
+def _headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {"test_score": metrics.get("score"), "macro_auc": metrics.get("macro_auc"),
+            **({"challenge_f1": metrics["challenge_f1"]} if "challenge_f1" in metrics else {})}
 
 
 def _cinc_noisy_inputs(config, manifest, n_leads: int, cinc_dir: str | None = None) -> dict[str, Any] | None:
@@ -225,19 +233,18 @@ def _cinc_noisy_inputs(config, manifest, n_leads: int, cinc_dir: str | None = No
         d = cinc2017.load_cinc2017(cinc_dir, folds=data.get("cinc_folds"))
     except ValueError:
         return None  # no CinC folder known (no $DETJAX_CINC2017_DIR)
-    mu0, sd0 = float(np.float32(d["norm"]["mean"])), float(np.float32(d["norm"]["std"]))
     tilde = cinc2017.CLASSES.index("~")
     raw = {"noisy": np.concatenate([d["x_val"][d["y_val"] == tilde], d["x_test"][d["y_test"] == tilde]]),
            "clean": d["x_test"][d["y_test"] != tilde]}
-    mean, std = _norm(manifest)
+    norm = _norm(manifest)
     out: dict[str, Any] = {}
     for name, x in raw.items():
-        mv = (x.astype(np.float64) * sd0 + mu0).astype(np.float32)
+        mv = transfer._millivolts(x, d["norm"])
         if config.task == "af_transfer":
             mv = transfer.remove_baseline(mv, data.get("baseline", transfer.DEFAULT_BASELINE))
         full = np.zeros((mv.shape[0], mv.shape[1], n_leads), np.float32)
         full[:, :, :1] = mv
-        out[name] = ((full - np.float32(mean)) / np.float32(std)).astype(np.float32)
+        out[name] = normalise(full, norm)
     out["note"] = ("CinC `~` of folds 9-10 vs CinC N/A/O of fold 10" + (", in lead I with the other leads at 0 mV"
                                                                        if n_leads > 1 else ""))
     return out
@@ -262,7 +269,7 @@ def evaluate_run(run_dir: str | Path, *, shifts: Mapping[str, Sequence[float]] |
                          "(data fingerprint mismatch)")
     if data.test_x.ndim != 3:
         raise ValueError(f"{run_dir}: OOD shifts are defined for ECG runs, not {config.task}")
-    mean, std = _norm(manifest)
+    norm = _norm(manifest)
     multilabel = config.loss != "ce"
     forward = make_forward(model, variables, min(config.eval_batch_size, data.test_x.shape[0]))  # little padding
     to_scores = (lambda z: 1 / (1 + np.exp(-z))) if multilabel else (
@@ -274,7 +281,7 @@ def evaluate_run(run_dir: str | Path, *, shifts: Mapping[str, Sequence[float]] |
 
     clean_scores, clean_metrics = run(data.test_x)
     n_leads = data.test_x.shape[2]
-    x_mv = data.test_x.astype(np.float64) * std + mean
+    x_mv = data.test_x.astype(np.float64) * norm["std"] + norm["mean"]
     rows = []
     for shift, severities in shifts.items():
         if shift == "lead_swap" and n_leads < 2:
@@ -282,12 +289,9 @@ def evaluate_run(run_dir: str | Path, *, shifts: Mapping[str, Sequence[float]] |
         for sev in severities:
             if shift == "flatline" and sev > n_leads:
                 continue  # no more leads to flatten
-            shifted = ((apply_shift(x_mv, shift, sev) - np.float32(mean)) / np.float32(std)).astype(np.float32)
-            scores, metrics = run(shifted)
+            scores, metrics = run(normalise(apply_shift(x_mv, shift, sev), norm))
             rows.append({"shift": shift, "severity": sev, "unit": UNITS[shift],
-                         "auroc": {k: auroc(clean_scores[k], scores[k]) for k in clean_scores},
-                         "test_score": metrics.get("score"), "macro_auc": metrics.get("macro_auc"),
-                         **({"challenge_f1": metrics["challenge_f1"]} if "challenge_f1" in metrics else {})})
+                         "auroc": {k: auroc(clean_scores[k], scores[k]) for k in clean_scores}, **_headline(metrics)})
             log(f"  {shift} {sev:g} {UNITS[shift]}: test {metrics.get('score'):.4f}, AUROC "
                 + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1]["auroc"].items() if v is not None))
     real = None
@@ -309,16 +313,8 @@ def evaluate_run(run_dir: str | Path, *, shifts: Mapping[str, Sequence[float]] |
         "score_definitions": {"spare_vertex": "cos(h, v_K), v_K the unused ETF vertex",
                               "max_logit": "-max_k z_k",
                               "energy": "-sum_k softplus(z_k) (sigmoid tasks) or -logsumexp(z) (softmax)"},
-        "clean": {"test_score": clean_metrics.get("score"), "macro_auc": clean_metrics.get("macro_auc"),
-                  **({"challenge_f1": clean_metrics["challenge_f1"]} if "challenge_f1" in clean_metrics else {})},
-        "shifts": rows, "real_ood": real,
+        "clean": _headline(clean_metrics), "shifts": rows, "real_ood": real,
     })
-
-
-def _strict(obj):
-    from detjax.cv import _strict as strict
-
-    return strict(obj)
 
 
 # ---------------------------------------------------------------------------- reports
@@ -352,14 +348,29 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: Mapping[str, Any], path: str | Path) -> Path | None:
-    """Two panels per shift: test score vs severity, AUROC of each score vs severity."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
+        return None
+    return plt
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(result: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Two panels per shift: test score vs severity, AUROC of each score vs severity."""
+    plt = _pyplot()
+    if plt is None:  # pragma: no cover
         return None
     shifts = list(dict.fromkeys(r["shift"] for r in result["shifts"]))
     fig, axes = plt.subplots(2, len(shifts), figsize=(3.2 * len(shifts), 6), squeeze=False)
@@ -385,11 +396,7 @@ def plot(result: Mapping[str, Any], path: str | Path) -> Path | None:
             ax.set_ylabel("OOD AUROC")
             ax.legend(fontsize=7)
     fig.suptitle(f"{result['task']} {result['arch']} init={result['init']}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def robustness_table(per_arm: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
@@ -462,12 +469,8 @@ def robustness_markdown(table: Mapping[str, Any]) -> str:
 
 def plot_robustness(table: Mapping[str, Any], path: str | Path) -> Path | None:
     """Per shift, the mean test score over members vs severity, one line per arm."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = _pyplot()
+    if plt is None:  # pragma: no cover
         return None
     arms = list(table)
     shifts = list(dict.fromkeys(r["shift"] for a in arms for r in table[a]["rows"]))
@@ -485,8 +488,4 @@ def plot_robustness(table: Mapping[str, Any], path: str | Path) -> Path | None:
         if j == 0:
             ax.set_ylabel("test score")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

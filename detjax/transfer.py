@@ -16,8 +16,9 @@ dataset's test records zero-shot. Both datasets are brought to one input format 
   window's mean, :math:`x_t - \\frac1T\\sum_s x_s`; ``"none"`` keeps the raw offset, so a
   model may learn one device's offset (measured in docs/transfer.md);
 * **normalisation**: one scalar mean and population sd over the *source's training* windows
-  after baseline removal (float64 sums), applied as ``(x - float32 mu) / float32 sigma`` to
-  the source's splits and to the target alike. Nothing is computed on the target.
+  after baseline removal (:func:`detjax.data.splits.train_statistics`, float64 sums), applied
+  as ``(x - float32 mu) / float32 sigma`` to the source's splits and to the target alike.
+  Nothing is computed on the target.
 
 Labels: AF = CinC class ``A`` = PTB-XL rhythm statement ``AFIB`` (any likelihood); every
 other record is negative (CinC ``N``, ``O``; PTB-XL everything else, including atrial
@@ -43,8 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from detjax.data import splits as S
+from detjax.data.cache import fingerprint
+
 __all__ = ["DATASETS", "BASELINES", "NOISY", "DEFAULT_BASELINE", "HIGHPASS_HZ", "remove_baseline",
-           "scalar_stats", "ptbxl_af", "cinc_af", "harmonise", "af_evaluate", "bootstrap_auc_ci",
+           "ptbxl_af", "cinc_af", "harmonise", "af_evaluate", "bootstrap_auc_ci",
            "best_f1_threshold", "f1_at", "transfer_report", "all_records_report", "prepare_transfer"]
 
 DATASETS = ("cinc2017", "ptbxl")
@@ -84,15 +88,10 @@ def remove_baseline(x: np.ndarray, method: str = DEFAULT_BASELINE, fs: float = R
     return out
 
 
-def scalar_stats(x: np.ndarray) -> dict[str, float]:
-    """``{"mean", "std", "count"}`` over all values (float64, fixed chunks, population sd)."""
-    from detjax.data.cinc2017 import train_statistics
-
-    return train_statistics(x)
-
-
-def _normalise(x: np.ndarray, stats: Mapping[str, float]) -> np.ndarray:
-    return ((x - np.float32(stats["mean"])) / np.float32(stats["std"])).astype(np.float32, copy=False)
+def _millivolts(x: np.ndarray, norm: Mapping[str, float]) -> np.ndarray:
+    """Normalised windows mapped back as they were formed: ``x * float32(std) + float32(mean)``
+    in float64, then float32."""
+    return (x.astype(np.float64) * float(np.float32(norm["std"])) + float(np.float32(norm["mean"]))).astype(np.float32)
 
 
 def ptbxl_af(data_dir: str | Path | None = None, *, fold_split: Mapping[str, Sequence[int]] | None = None,
@@ -131,13 +130,11 @@ def cinc_af(data_dir: str | Path | None, *, noisy: str = "exclude",
     if noisy not in NOISY:
         raise ValueError(f"cinc_noisy must be one of {NOISY}, got {noisy!r}")
     d = cinc2017.load_cinc2017(data_dir, fold_split=fold_split, folds=folds)
-    mu, sigma = np.float32(d["norm"]["mean"]), np.float32(d["norm"]["std"])
     a, tilde = cinc2017.CLASSES.index("A"), cinc2017.CLASSES.index("~")
     out: dict[str, Any] = {"source": d["source"], "folds": d["folds"]}
-    for name in ("train", "val", "test"):
+    for name in S.SPLITS:
         keep = np.ones(d[f"y_{name}"].shape[0], bool) if noisy == "negative" else d[f"y_{name}"] != tilde
-        x = d[f"x_{name}"][keep].astype(np.float64) * float(sigma) + float(mu)
-        out[f"x_{name}"] = x.astype(np.float32)
+        out[f"x_{name}"] = _millivolts(d[f"x_{name}"][keep], d["norm"])
         out[f"y_{name}"] = (d[f"y_{name}"][keep] == a).astype(np.float32)[:, None]
         out[f"id_{name}"] = d[f"record_{name}"][keep]
     return out
@@ -158,9 +155,9 @@ def harmonise(source: Mapping[str, np.ndarray], target_x: np.ndarray, baseline: 
     Returns ``({"x_train", "x_val", "x_test"}, target_x, stats)``, all float32.
     """
     cleaned = {k: remove_baseline(source[k], baseline) for k in ("x_train", "x_val", "x_test")}
-    stats = scalar_stats(cleaned["x_train"])
-    out = {k: _normalise(v, stats) for k, v in cleaned.items()}
-    return out, _normalise(remove_baseline(target_x, baseline), stats), stats
+    stats = S.train_statistics(cleaned["x_train"])
+    out = {k: S.normalise(v, stats) for k, v in cleaned.items()}
+    return out, S.normalise(remove_baseline(target_x, baseline), stats), stats
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
@@ -231,12 +228,16 @@ def af_evaluate(y_true: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
             "af_f1": f1_at(y, s, 0.5), "n": int(y.size), "n_af": int(y.sum())}
 
 
+def _target_metrics(target_y, target_scores, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
+    return {"target_af_auc": _auc(target_y, target_scores), "target_af_f1": f1_at(target_y, target_scores, threshold),
+            "n_target": int(np.asarray(target_y).size), "n_target_af": int(np.asarray(target_y).sum()),
+            "ci95": bootstrap_auc_ci(target_y, target_scores, n_boot=n_boot, seed=seed)}
+
+
 def all_records_report(target_y: np.ndarray, target_scores: np.ndarray, threshold: float, *,
                        n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The target AUC (with bootstrap CI) and F1 over every target record, not only its test fold."""
-    return {"target_af_auc": _auc(target_y, target_scores), "target_af_f1": f1_at(target_y, target_scores, threshold),
-            "n_target": int(np.asarray(target_y).size), "n_target_af": int(np.asarray(target_y).sum()),
-            "ci95": bootstrap_auc_ci(target_y, target_scores, n_boot=n_boot, seed=seed),
+    return {**_target_metrics(target_y, target_scores, threshold, n_boot, seed),
             "note": "every target record of folds 1-10 (PTB-XL folds 1-8: those with a rhythm label, as in its "
                     "training split); none was used in training or selection"}
 
@@ -247,15 +248,10 @@ def transfer_report(*, source: str, target: str, target_y: np.ndarray, target_sc
     """``{"source", "target", "target_af_auc", "target_af_f1", "n_target", "n_target_af", "ci95",
     "threshold", "target_af_f1_at_0.5", "bootstrap"}`` (see the module docstring)."""
     threshold = best_f1_threshold(val_y, val_scores)
-    auc = _auc(target_y, target_scores)
     return {
         "source": source,
         "target": target,
-        "target_af_auc": auc,
-        "target_af_f1": f1_at(target_y, target_scores, threshold),
-        "n_target": int(np.asarray(target_y).size),
-        "n_target_af": int(np.asarray(target_y).sum()),
-        "ci95": bootstrap_auc_ci(target_y, target_scores, n_boot=n_boot, seed=seed),
+        **_target_metrics(target_y, target_scores, threshold, n_boot, seed),
         "threshold": threshold,
         "threshold_rule": "maximises F1 on the source's validation split",
         "target_af_f1_at_0.5": f1_at(target_y, target_scores, 0.5),
@@ -263,12 +259,7 @@ def transfer_report(*, source: str, target: str, target_y: np.ndarray, target_sc
     }
 
 
-def _limited(d: dict[str, Any], limit: int | None) -> dict[str, Any]:
-    if limit is None:
-        return d
-    if int(limit) < 1:
-        raise ValueError(f"limit must be a positive number of records per split, got {limit}")
-    return {k: (v[:int(limit)] if k.split("_")[0] in ("x", "y", "id") else v) for k, v in d.items()}
+_LOADER_KEYS = ("data_dir", "data_source", "content_sha256", "fingerprint", "windows_fingerprint")
 
 
 def prepare_transfer(*, source: str, target: str, cinc_dir: str | None = None, ptbxl_dir: str | None = None,
@@ -277,46 +268,40 @@ def prepare_transfer(*, source: str, target: str, cinc_dir: str | None = None, p
                      cinc_folds: str | None = None) -> dict[str, Any]:
     """Everything the ``af_transfer`` task needs: the harmonised source splits (``limit``: the
     first records of each source split, cut after the normalisation statistics were computed
-    on the full training split), the harmonised target records, the statistics and provenance. ``fold_split`` applies to the source only (the target is always tested on
-    its test fold 10)."""
-    from detjax.data.ptbxl import fingerprint
-
+    on the full training split, :func:`detjax.data.splits.first_records`), the harmonised
+    target records, the statistics and provenance. ``fold_split`` applies to the source only
+    (the target is always tested on its test fold 10)."""
     if source not in DATASETS or target not in DATASETS:
         raise ValueError(f"source and target must be among {DATASETS}, got {source!r}, {target!r}")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if cinc_noisy not in NOISY:
         raise ValueError(f"cinc_noisy must be one of {NOISY}, got {cinc_noisy!r}")
-    full = _load(source, cinc_dir=cinc_dir, ptbxl_dir=ptbxl_dir, noisy=cinc_noisy, fold_split=fold_split,
-                 cinc_folds=cinc_folds)
+    limit = S.check_limit(limit)
+    src = _load(source, cinc_dir=cinc_dir, ptbxl_dir=ptbxl_dir, noisy=cinc_noisy, fold_split=fold_split,
+                cinc_folds=cinc_folds)
     tgt = _load(target, cinc_dir=cinc_dir, ptbxl_dir=ptbxl_dir, noisy=cinc_noisy, cinc_folds=cinc_folds)
-    # As everywhere in detjax, ``limit`` cuts the splits after the statistics were computed on
-    # the full training split.
-    xs, target_x, stats = harmonise(full, tgt["x_test"], baseline)
-    xs = _limited(xs, limit)
-    src = _limited(full, limit)
-    out: dict[str, Any] = {**xs, "target_x": target_x, "target_y": tgt["y_test"], "target_id": tgt["id_test"]}
+    xs, target_x, stats = harmonise(src, tgt["x_test"], baseline)
+    out: dict[str, Any] = S.first_records({**xs, **{f"{k}_{name}": src[f"{k}_{name}"] for k in ("y", "id")
+                                                    for name in S.SPLITS}}, limit)
+    out.update(target_x=target_x, target_y=tgt["y_test"], target_id=tgt["id_test"])
     # Every target record (its folds 1-10): none is used for training or selection, so all of
     # them are zero-shot test records too; more positives than the test fold alone.
-    out["target_all_x"] = np.concatenate([target_x] + [_normalise(remove_baseline(tgt[f"x_{r}"], baseline), stats)
+    out["target_all_x"] = np.concatenate([target_x] + [S.normalise(remove_baseline(tgt[f"x_{r}"], baseline), stats)
                                                        for r in ("train", "val")])
     out["target_all_y"] = np.concatenate([tgt["y_test"], tgt["y_train"], tgt["y_val"]])
-    for name in ("train", "val", "test"):
-        out[f"y_{name}"], out[f"id_{name}"] = src[f"y_{name}"], src[f"id_{name}"]
     out["info"] = {
         "source": source, "target": target, "baseline": baseline,
         "highpass_hz": HIGHPASS_HZ if baseline == "highpass" else None,
         "cinc_noisy": cinc_noisy, "lead": "CinC single lead <-> PTB-XL lead I", "sampling_rate": RATE,
         "window_length": LENGTH, "units": "mV", "norm": stats, "limit": limit,
         "folds": src["folds"],
-        "n": {name: int(src[f"y_{name}"].shape[0]) for name in ("train", "val", "test")},
-        "n_af": {name: int(src[f"y_{name}"].sum()) for name in ("train", "val", "test")},
+        "n": {name: int(out[f"y_{name}"].shape[0]) for name in S.SPLITS},
+        "n_af": {name: int(out[f"y_{name}"].sum()) for name in S.SPLITS},
         "target_n": int(tgt["y_test"].shape[0]), "target_n_af": int(tgt["y_test"].sum()),
         "target_folds": tgt["folds"]["test"],
         "target_fingerprint": fingerprint({"x": target_x, "y": tgt["y_test"], "id": tgt["id_test"]}),
-        "source_loader": {k: src["source"].get(k) for k in ("data_dir", "content_sha256", "fingerprint",
-                                                           "windows_fingerprint") if k in src["source"]},
-        "target_loader": {k: tgt["source"].get(k) for k in ("data_dir", "content_sha256", "fingerprint",
-                                                           "windows_fingerprint") if k in tgt["source"]},
+        **{f"{role}_loader": {k: d["source"][k] for k in _LOADER_KEYS if k in d["source"]}
+           for role, d in (("source", src), ("target", tgt))},
     }
     return out

@@ -298,7 +298,7 @@ def test_kill_9_then_resume_is_bit_identical(point, reference, config_path, tmp_
 
 
 def test_non_finite_values_in_a_checksummed_ptbxl_cache_name_the_record(tmp_path):
-    from detjax.data import ptbxl
+    from detjax.data import cache, ptbxl
 
     data = ptbxl.load_ptbxl(cache_dir=tmp_path)
     path = Path(data.source["cache_file"])
@@ -308,11 +308,11 @@ def test_non_finite_values_in_a_checksummed_ptbxl_cache_name_the_record(tmp_path
     arrays.pop("digest")
     arrays["x"] = arrays["x"].copy()
     arrays["x"][7, 10, 2] = np.nan
-    ptbxl._write_cache(path, key, arrays, ptbxl.fingerprint(arrays))  # a valid digest over the NaN
+    cache.write_cache(path, key, arrays, cache.fingerprint(arrays))  # a valid digest over the NaN
     with pytest.raises(ValueError, match=r"record ecg_id=8 holds 1 non-finite"):
         ptbxl.load_ptbxl(cache_dir=tmp_path)
     arrays["x"] = arrays["x"][:, :500]  # the wrong shape, also checksummed
-    ptbxl._write_cache(path, key, arrays, ptbxl.fingerprint(arrays))
+    cache.write_cache(path, key, arrays, cache.fingerprint(arrays))
     with pytest.raises(ValueError, match=r"shape \(500, 500, 12\)"):
         ptbxl.load_ptbxl(cache_dir=tmp_path)
 
@@ -320,8 +320,8 @@ def test_non_finite_values_in_a_checksummed_ptbxl_cache_name_the_record(tmp_path
 def test_non_finite_values_in_a_checksummed_cinc2017_cache_name_the_record(tmp_path):
     from test_data_cinc2017 import make_tree
 
+    from detjax.data import cache
     from detjax.data import cinc2017 as C
-    from detjax.data import ptbxl
 
     root = make_tree(tmp_path / "training2017")
     folds = tmp_path / "folds.csv"
@@ -334,6 +334,6 @@ def test_non_finite_values_in_a_checksummed_cinc2017_cache_name_the_record(tmp_p
     arrays["x"] = arrays["x"].copy()
     arrays["x"][4, 3] = np.inf
     name = str(arrays["record"][4])
-    ptbxl._write_cache(path, key, arrays, ptbxl.fingerprint(arrays))
+    cache.write_cache(path, key, arrays, cache.fingerprint(arrays))
     with pytest.raises(ValueError, match=f"record {name} holds 1 non-finite"):
         C.load_cinc2017(root, folds=folds, cache_dir=tmp_path / "cache")

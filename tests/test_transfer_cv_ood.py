@@ -142,7 +142,9 @@ def test_check_split_errors(split, match):
 
 
 def _role_ids(prepared, key):
-    return {role: set(np.asarray(prepared[f"{key}_{role}"]).tolist()) for role in cv.ROLES}
+    ids = {role: set(np.asarray(prepared[f"{key}_{role}"]).tolist()) for role in cv.ROLES}
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    return ids
 
 
 @pytest.mark.parametrize("k", [3, 5])
@@ -152,7 +154,6 @@ def test_no_record_in_two_roles_ptbxl_sample(k):
     for s in cv.cv_splits(k):
         prepared = P.prepare_ptbxl(None, fold_split=s)
         ids = _role_ids(prepared, "ecg_id")
-        assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
         assert prepared["folds"] == {r: list(v) for r, v in s.items()}
         tested += sorted(ids["test"])
     assert sorted(tested) == list(range(1, 501))
@@ -162,9 +163,7 @@ def test_no_record_in_two_roles_cinc(trees):
     tested = []
     for s in cv.cv_splits(5):
         d = C.load_cinc2017(trees["cinc"], folds=trees["cinc_folds"], fold_split=s)
-        ids = _role_ids(d, "record")
-        assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
-        tested += sorted(ids["test"])
+        tested += sorted(_role_ids(d, "record")["test"])
     assert sorted(tested) == CINC_NAMES
 
 
@@ -253,6 +252,9 @@ def test_prepare_transfer_harmonises_and_normalises_on_source_train(trees):
     tgt = transfer.remove_baseline(transfer.ptbxl_af(trees["ptbxl"])["x_test"])
     expected = (tgt - np.float32(st["mean"])) / np.float32(st["std"])
     assert np.array_equal(p["target_x"], expected.astype(np.float32))
+    assert {p["info"][f"{r}_loader"]["data_source"]["kind"] for r in ("source", "target")} == {"argument"}
+    cut = transfer.prepare_transfer(source="cinc2017", target="ptbxl", limit=2, **kw)  # cut after the statistics
+    assert cut["info"]["norm"] == st and all(np.array_equal(cut[k], p[k][:2]) for k in ("x_train", "y_val", "id_test"))
     neg = transfer.prepare_transfer(source="cinc2017", target="ptbxl", cinc_noisy="negative", **kw)
     assert neg["info"]["n"]["train"] > p["info"]["n"]["train"]
     with pytest.raises(ValueError, match="baseline"):
@@ -292,10 +294,8 @@ def test_floor_learns_rhythm_regularity_and_is_deterministic():
     y = (np.arange(80) % 2 == 1).astype(np.float32)[:, None]
     f = floor.ecg_features(x)
     assert f.shape[0] == 80 and np.all(np.isfinite(f))
-    a = floor.floor_report(x[:60], y[:60], x[60:], y[60:], transfer.af_evaluate, kind="ecg", multilabel=True,
-                           num_classes=1)
-    b = floor.floor_report(x[:60], y[:60], x[60:], y[60:], transfer.af_evaluate, kind="ecg", multilabel=True,
-                           num_classes=1)
+    a, b = (floor.floor_report(x[:60], y[:60], x[60:], y[60:], transfer.af_evaluate, kind="ecg", multilabel=True,
+                               num_classes=1) for _ in range(2))
     assert a["af_auc"] > 0.9 and a["af_auc"] == b["af_auc"]
     bad = floor.floor_report(x[:4], y[:4], x[:4], np.zeros((4, 1), np.float32), transfer.af_evaluate, kind="ecg",
                              multilabel=True, num_classes=1)

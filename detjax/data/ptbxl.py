@@ -379,10 +379,6 @@ def content_key(
     return cache.content_key(spec, files)
 
 
-# Old names, still used by detjax/transfer.py and tests/test_faults.py.
-fingerprint, _write_cache = cache.fingerprint, cache.write_cache
-
-
 # --------------------------------------------------------------------------- loading
 
 

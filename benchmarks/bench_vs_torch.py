@@ -687,7 +687,11 @@ def detjax_worker(spec: dict[str, Any], steps: int, warmup: int, threads: int, x
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"side": "detjax", "params": n_params, "init_s": init_s, "first_step_s": first_s,
+    from flax.serialization import to_state_dict
+
+    from detjax.hashing import tree_sha256
+
+    return {"side": "detjax", "state_sha256": tree_sha256(to_state_dict(state)), "params": n_params, "init_s": init_s, "first_step_s": first_s,
             "step_times_s": times, "median_step_s": med, "samples_per_s": spec["batch"] / med,
             "flops_per_step": flops, "gflops_per_s": flops / med / 1e9, "loss": float(metrics["loss"]),
             "device_kind": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -787,6 +791,9 @@ def measure(arch: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "rounds": rounds,
     }
     result["speedup"] = result["detjax_samples_per_s"] / result["torch_samples_per_s"]
+    # Every detjax round trains the same steps from the same state: its final hash must repeat.
+    result["detjax_state_sha256"] = sorted({run["state_sha256"] for run in det})
+    result["bit_identical_rounds"] = len(result["detjax_state_sha256"]) == 1
     return result
 
 
@@ -885,12 +892,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(arch, args, Path(tmp)))
     print()
     print("| model | detjax samples/s | torch samples/s | speedup | detjax compile s | detjax init s "
-          "| detjax GFLOP/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| detjax GFLOP/s | rounds bit-identical | final state sha256 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in results:
         print(f"| {r['model']} | {r['detjax_samples_per_s']:.1f} | {r['torch_samples_per_s']:.1f} "
               f"| {r['speedup']:.2f} | {r['detjax_compile_s']:.1f} | {r['detjax_init_s']:.1f} "
-              f"| {_fmt(r['detjax_gflops_per_s'])} |")
+              f"| {_fmt(r['detjax_gflops_per_s'])} | {'yes' if r['bit_identical_rounds'] else 'NO'} "
+              f"| {', '.join(h[:12] for h in r['detjax_state_sha256'])} |")
     print()
     for r in results:
         print(f"speedup {r['model']} {r['speedup']:.3f}")

@@ -70,7 +70,7 @@ def cmd_run(args) -> int:
         print(json.dumps({**{k: finished[k] for k in ("final_sha256", "final_md5", "init_sha256", "run_dir")},
                           "already_complete": True}))
         return 0
-    environment = configure_process(args.cpu_threads, args.devices)
+    environment = configure_process(args.cpu_threads, args.devices, arch=config.arch, cpu_kernels=args.cpu_kernels)
     from detjax import tasks
     from detjax.train import make_mesh, train_and_evaluate
 
@@ -296,6 +296,9 @@ def _rerun_placement(manifest: dict) -> list[str]:
     recorded_devices = manifest.get("mesh", {}).get("devices", 1)
     if recorded_devices > 1:
         placement += ["--devices", str(recorded_devices)]
+    # Runs recorded before CPU kernel options existed, or with none applied, used XLA's own.
+    kernels = manifest["environment"].get("determinism", {}).get("cpu_kernel_flags")
+    placement += ["--cpu-kernels", "fast" if kernels else "default"]
     return placement
 
 
@@ -319,7 +322,8 @@ def _rerun_config(args, run_dir: Path, manifest: dict, config, config_path: Path
 def _environment_differences(manifest: dict, placement: list[str]) -> list[str]:
     """The fingerprint keys in which ``python -m detjax env`` (same placement) differs from
     the recorded environment."""
-    env_now = json.loads(subprocess.run([sys.executable, "-m", "detjax", "env", *placement],
+    arch = ["--arch", manifest["config"]["arch"]] if manifest.get("config", {}).get("arch") else []
+    env_now = json.loads(subprocess.run([sys.executable, "-m", "detjax", "env", *placement, *arch],
                                         stdout=subprocess.PIPE, text=True).stdout)
     return sorted(k for k in set(env_now) | set(manifest["environment"])
                   if env_now.get(k) != manifest["environment"].get(k))
@@ -368,12 +372,13 @@ def cmd_verify(args) -> int:
 def cmd_env(args) -> int:
     from detjax.cli import configure_process
 
-    print(json.dumps(configure_process(args.cpu_threads, args.devices), indent=2, sort_keys=True))
+    print(json.dumps(configure_process(args.cpu_threads, args.devices, arch=args.arch, cpu_kernels=args.cpu_kernels),
+                     indent=2, sort_keys=True))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from detjax.cli import DEFAULT_DEVICES, add_device_flags, positive_int, subcommand_parser
+    from detjax.cli import DEFAULT_DEVICES, add_cpu_kernels_flag, add_device_flags, positive_int, subcommand_parser
 
     parser, sub = subcommand_parser("python -m detjax", __doc__)
     run = sub.add_parser("run", help="train a config file under the deterministic configuration")
@@ -383,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--cpu-threads", type=positive_int, default=None, help="pin the CPU backend to N threads")
     add_device_flags(run)
+    add_cpu_kernels_flag(run)
     run.set_defaults(fn=cmd_run)
     verify = sub.add_parser(
         "verify", help="check a run's stored files, then re-run its config and compare final hashes",
@@ -395,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print the environment fingerprint")
     env.add_argument("--cpu-threads", type=positive_int, default=None)
     env.add_argument("--devices", type=positive_int, default=DEFAULT_DEVICES)
+    env.add_argument("--arch", default=None, help="the model whose CPU kernel options apply (--cpu-kernels)")
+    add_cpu_kernels_flag(env)
     env.set_defaults(fn=cmd_env)
     return parser
 

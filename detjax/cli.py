@@ -182,6 +182,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_print_config_flag(parser)
     add_device_flags(parser)
+    add_cpu_kernels_flag(parser)
 
 
 #: One default for every entry point (experiments, ``python -m detjax run``, studies).
@@ -217,13 +218,23 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
                              "(the result is then not bit-identical to either)")
 
 
-def configure_process(cpu_threads: int | None, devices: int | None) -> dict:
+def configure_process(cpu_threads: int | None, devices: int | None, *, arch: str | None = None,
+                      cpu_kernels: str = "fast") -> dict:
     """``determinism.configure`` plus, for ``devices > 1``, that many CPU host devices (the flag
-    only concerns the host platform, so it is harmless on GPU machines)."""
+    only concerns the host platform, so it is harmless on GPU machines), and model ``arch``'s
+    CPU kernel options (``--cpu-kernels``, :func:`detjax.determinism.cpu_kernel_flags`)."""
     from detjax import determinism
 
     extra = [f"--xla_force_host_platform_device_count={devices}"] if devices and devices > 1 else []
-    return determinism.configure(cpu_threads=cpu_threads, extra_xla_flags=extra)
+    return determinism.configure(cpu_threads=cpu_threads, extra_xla_flags=extra,
+                                 cpu_kernels=determinism.cpu_kernel_flags(arch, cpu_kernels))
+
+
+def add_cpu_kernels_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu-kernels", choices=("fast", "default"), default="fast",
+                        help="fast (default): the XLA CPU options measured fastest for the model "
+                             "(docs/RESULTS.md); default: XLA's own. Each is bit-reproducible; their bits "
+                             "differ, and the manifest records which was used. No effect on GPUs")
 
 
 def validate_common(args: argparse.Namespace) -> None:
@@ -251,7 +262,8 @@ def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs
             validate(args)
     except (ValueError, OSError) as exc:
         error_exit(str(exc))
-    args.environment = configure_process(args.cpu_threads, args.devices)
+    args.environment = configure_process(args.cpu_threads, args.devices, arch=getattr(args, "arch", None),
+                                         cpu_kernels=getattr(args, "cpu_kernels", "fast"))
     epochs = args.epochs
     if epochs is None:
         epochs = default_epochs
@@ -269,6 +281,7 @@ def parse_to_config(parser: argparse.ArgumentParser, argv, config_of: Callable[[
     before any data is loaded. Returns ``(args, config)``."""
     def checks(args: argparse.Namespace) -> None:
         config = config_of(args, 1)
+        args.arch = config.arch  # the model picks its CPU kernel options (--cpu-kernels)
         if validate is not None:
             validate(args, config)
 

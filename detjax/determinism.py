@@ -57,7 +57,10 @@ __all__ = [
     "NondeterministicGPUError",
     "JAX_SETTINGS",
     "SINGLE_THREAD_CPU_FLAGS",
+    "CPU_KERNEL_FLAGS",
+    "CPU_KERNELS",
     "backend_initialized",
+    "cpu_kernel_flags",
     "configure",
     "environment_fingerprint",
     "probe_xla_flags",
@@ -79,6 +82,16 @@ FAIL_CLOSED_GPU_FLAGS = (
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 #: Extra flags for ``cpu_threads=1``: single-threaded Eigen contractions and convolutions.
 SINGLE_THREAD_CPU_FLAGS = ("--xla_cpu_multi_thread_eigen=false",)
+#: XLA CPU options that make a model's train step faster on CPUs, chosen per architecture
+#: by ``benchmarks/bench_vs_torch.py`` (docs/RESULTS.md §3; only options that paid are here).
+#: They change which kernels XLA emits and so the bits (each choice is bit-reproducible in
+#: itself); :func:`configure` records them, ``verify`` re-runs with the recorded choice. They
+#: only concern the CPU backend: a GPU run's kernels are unchanged.
+CPU_KERNEL_FLAGS: dict[str, tuple[str, ...]] = {
+    "resnet18": ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",),
+}
+#: ``"fast"``: :data:`CPU_KERNEL_FLAGS` of the model; ``"default"``: XLA's own choice.
+CPU_KERNELS = ("fast", "default")
 #: JAX configuration pinned by :func:`configure`.
 JAX_SETTINGS = {
     "jax_default_matmul_precision": "highest",
@@ -302,6 +315,15 @@ def _refuse(reason: str) -> RuntimeError:
     )
 
 
+def cpu_kernel_flags(arch: str | None, kernels: str = "fast") -> tuple[str, ...]:
+    """The XLA flags of ``kernels`` (one of :data:`CPU_KERNELS`) for model ``arch``: its
+    :data:`CPU_KERNEL_FLAGS` for ``"fast"`` (none for a model without any), none for
+    ``"default"`` or an unknown ``arch``."""
+    if kernels not in CPU_KERNELS:
+        raise ValueError(f"unknown cpu kernels {kernels!r}; expected one of {CPU_KERNELS}")
+    return CPU_KERNEL_FLAGS.get(arch or "", ()) if kernels == "fast" else ()
+
+
 # ----------------------------------------------------------------------------- configure
 def configure(
     *,
@@ -309,6 +331,7 @@ def configure(
     cpu_cores: Iterable[int] | None = None,
     deterministic: bool = True,
     extra_xla_flags: Iterable[str] = (),
+    cpu_kernels: Iterable[str] = (),
     check_flags: bool = True,
     cache_dir: str | os.PathLike | None = None,
 ) -> dict:
@@ -321,6 +344,8 @@ def configure(
       deterministic: set :data:`DETERMINISTIC_XLA_FLAGS`. ``False`` leaves XLA's defaults
         (for negative controls); JAX settings are pinned either way.
       extra_xla_flags: more ``--name=value`` entries for ``XLA_FLAGS``.
+      cpu_kernels: the model's CPU kernel options (:func:`cpu_kernel_flags`); set like
+        ``extra_xla_flags`` and recorded apart as ``cpu_kernel_flags``.
       check_flags: probe flags against the installed XLA (:func:`probe_xla_flags`) and skip
         unknown ones. ``False`` sets them unchecked (an unknown one then aborts the process).
       cache_dir: probe cache directory (default ``$DETJAX_CACHE_DIR`` or ``~/.cache/detjax``).
@@ -337,7 +362,8 @@ def configure(
     """
     global _applied
     cores = _target_cores(cpu_cores, cpu_threads)
-    wanted = _wanted_flags(deterministic, cpu_threads, extra_xla_flags)
+    cpu_kernels = list(cpu_kernels)
+    wanted = _wanted_flags(deterministic, cpu_threads, [*extra_xla_flags, *cpu_kernels])
     applied, skipped = _probe_flags(wanted, check_flags, cache_dir)
     _set_or_confirm_process(applied, cores)
     nccl = _start_backend(deterministic, skipped)
@@ -348,6 +374,7 @@ def configure(
         "flags_probed": bool(check_flags),
         "cpu_threads": cpu_threads,
         "cpu_cores": cores,
+        "cpu_kernel_flags": [flag for flag in cpu_kernels if flag in applied],
         "jax_settings": dict(JAX_SETTINGS),
         "nccl_env_set": nccl,
     }

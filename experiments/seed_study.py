@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import (add_print_config_flag, check_data_dir, check_out_dir, configure_process,  # noqa: E402
+from detjax.cli import (add_cpu_kernels_flag, add_print_config_flag, check_data_dir, check_out_dir, configure_process,  # noqa: E402
                         default_out, error_exit, nonnegative_int, positive_float, positive_int, print_config)
 
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-threads", type=positive_int, default=None, help="pin the CPU backend to N threads")
     parser.add_argument("--no-progress", action="store_true")
     add_print_config_flag(parser)
+    add_cpu_kernels_flag(parser)
     return parser
 
 
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 return print_config(members)
     except (ValueError, OSError) as exc:
         error_exit(str(exc))
-    environment = configure_process(args.cpu_threads, None)
+    arch = members[0][0].arch if not args.report_only else None  # every arm trains the same model
+    environment = configure_process(args.cpu_threads, None, arch=arch, cpu_kernels=args.cpu_kernels)
     from detjax import study
 
     try:

@@ -62,7 +62,8 @@ def test_command_line_runs_and_prints_parsable_lines(tmp_path):
     lines = proc.stdout.splitlines()
     assert any(line.startswith("| model | detjax samples/s | torch samples/s | speedup |") for line in lines)
     row = next(line for line in lines if line.startswith("| baseline |"))
-    assert len(row.strip("|").split("|")) == 7
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 9 and cells[7] == "yes"  # one round: its final state hash is the only one
     speedup = [float(m.group(1)) for m in map(re.compile(r"^speedup baseline (\S+)$").match, lines) if m]
     compile_s = [float(m.group(1)) for m in map(re.compile(r"^compile baseline (\S+)$").match, lines) if m]
     assert len(speedup) == 1 and speedup[0] > 0

@@ -285,3 +285,47 @@ def test_fingerprint_records_gpu_nccl_and_compile_cache_fields(cache_dir):
     assert backend["process_count"] == 1 and backend["local_device_count"] >= 1
     assert isinstance(without["gpu_packages"], dict)
     assert without["determinism"]["nccl_env_set"] == {}
+
+
+def test_cpu_kernel_flags_per_model():
+    from detjax import determinism
+
+    assert determinism.cpu_kernel_flags("resnet18") == determinism.CPU_KERNEL_FLAGS["resnet18"]
+    assert determinism.cpu_kernel_flags("resnet18", "default") == ()
+    assert determinism.cpu_kernel_flags(None) == () and determinism.cpu_kernel_flags("no-such-arch") == ()
+    with pytest.raises(ValueError, match="unknown cpu kernels 'turbo'"):
+        determinism.cpu_kernel_flags("resnet18", "turbo")
+
+
+@pytest.mark.parametrize("kernels", ["fast", "default"])
+def test_cpu_kernels_are_applied_and_recorded(kernels):
+    """``python -m detjax env --arch resnet18 --cpu-kernels K``: the fingerprint records the
+    model's kernel options (fast) or none (default), and XLA_FLAGS carries them."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+    from detjax import determinism
+
+    out = subprocess.run([sys.executable, "-m", "detjax", "env", "--arch", "resnet18", "--cpu-kernels", kernels],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    recorded = json.loads(out.stdout)["determinism"]
+    wanted = list(determinism.cpu_kernel_flags("resnet18", kernels))
+    assert recorded["cpu_kernel_flags"] == [f for f in wanted if f in recorded["xla_flags_applied"]]
+    assert set(recorded["cpu_kernel_flags"]) <= set(recorded["xla_flags_applied"])
+    if kernels == "default":
+        assert recorded["cpu_kernel_flags"] == []
+
+
+def test_verify_reruns_with_the_recorded_cpu_kernels():
+    from detjax.__main__ import _rerun_placement
+
+    def manifest(flags):
+        return {"environment": {"determinism": {"cpu_threads": 2, "cpu_kernel_flags": flags}}, "mesh": {"devices": 1}}
+
+    assert _rerun_placement(manifest(["--xla_cpu_experimental_ynn_fusion_type=dot"]))[-2:] == ["--cpu-kernels", "fast"]
+    assert _rerun_placement(manifest([]))[-2:] == ["--cpu-kernels", "default"]
+    old = {"environment": {"determinism": {"cpu_threads": 2}}, "mesh": {"devices": 1}}  # recorded before the option
+    assert _rerun_placement(old) == ["--cpu-threads", "2", "--cpu-kernels", "default"]

@@ -231,7 +231,9 @@ def configure_process(cpu_threads: int | None, devices: int | None, *, arch: str
 
 
 def add_cpu_kernels_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cpu-kernels", choices=("fast", "default"), default="fast",
+    from detjax.determinism import CPU_KERNELS  # no JAX import: safe before configure
+
+    parser.add_argument("--cpu-kernels", choices=CPU_KERNELS, default=CPU_KERNELS[0],
                         help="fast (default): the XLA CPU options measured fastest for the model "
                              "(docs/RESULTS.md); default: XLA's own. Each is bit-reproducible; their bits "
                              "differ, and the manifest records which was used. No effect on GPUs")

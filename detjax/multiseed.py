@@ -209,7 +209,6 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
     ``"history"``. ``config.seed`` is ignored (each member uses its own).
     """
     from detjax.checkpoint import Checkpointer
-    from detjax.models import get_model
 
     seeds = _check_seeds(seeds, mode)
     t_start = time.perf_counter()
@@ -224,12 +223,7 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
     stored = [manifest_lib.finished_result(d) for d in member_dirs]
     if all(r is not None for r in stored):
         return stored
-    if environment is None:
-        from detjax.determinism import environment_fingerprint
-        environment = environment_fingerprint()
-    if model is None:
-        model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
-                          variant=config.variant, **dict(config.model))
+    model, environment = train_lib.model_and_environment(config, data, model, environment)
     if config.augment and data.seeded_augment is None:
         raise ValueError(f"config.augment is set but task {config.task!r} defines no seeded augmentation")
     batches_per_epoch = math.ceil(data.train_x.shape[0] / config.batch_size)
@@ -260,8 +254,8 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
                            make_members_step(model, tx, config, weight, data.seeded_augment if config.augment
                                              else None, mode),
                            make_members_predict(model, config, mode), checkpoint)
-    bar = train_lib._progress(total=config.epochs * batches_per_epoch, initial=train_lib._counter(states.step), enabled=progress,
-                              desc=f"{config.arch}/{config.init} x{len(seeds)} ({mode})")
+    bar = train_lib._progress(total=config.epochs * batches_per_epoch, initial=train_lib._counter(states.step),
+                              enabled=progress, desc=f"{config.arch}/{config.init} x{len(seeds)} ({mode})")
     with bar, checkpointer:
         states, best, stopped = train_lib.run_epochs(ex, config, data, jax.device_put(states), best, histories,
                                                      bar=bar, stop_after_epoch=stop_after_epoch)
@@ -275,8 +269,10 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
 def _member_manifests(configs: Sequence[TrainConfig], data: TaskData, environment: dict, init_states: TrainState,
                       model) -> list[dict[str, Any]]:
     """Each member's running manifest, from its slice of the stacked initial states."""
+    from detjax.models import count_params
+
     init_host = [member_slice(train_lib._state_dict(init_states), j) for j in range(len(configs))]
-    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_host[0]["params"])))
+    n_params = count_params(init_host[0]["params"])
     assignment = train_lib.init_assignment(model, data.train_x[:1])
     return [train_lib.new_run_manifest(cfg, data, environment, host, n_params, assignment)
             for cfg, host in zip(configs, init_host)]

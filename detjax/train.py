@@ -917,19 +917,14 @@ def prepare_run(config: TrainConfig, data: TaskData, *, model: nn.Module | None 
                 environment: dict | None = None) -> PreparedRun:
     """The model, optimiser, class weights, initial state and its hashes, and the running
     manifest (config, data fingerprint, environment, init hashes and per-layer assignment)."""
-    from detjax.models import get_model
+    from detjax.models import count_params
 
-    if environment is None:
-        from detjax.determinism import environment_fingerprint
-        environment = environment_fingerprint()
-    if model is None:
-        model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
-                          variant=config.variant, **dict(config.model))
+    model, environment = model_and_environment(config, data, model, environment)
     batches_per_epoch = math.ceil(data.train_x.shape[0] / config.batch_size)
     tx = make_optimizer(config, batches_per_epoch)
     init_state = create_train_state(model, tx, data.train_x[:1], config.seed)
     init_dict = _state_dict(init_state)
-    n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(init_state.params)))
+    n_params = count_params(init_state.params)
     run_manifest = new_run_manifest(config, data, environment, init_dict, n_params,
                                     init_assignment(model, data.train_x[:1]))
     return PreparedRun(model=model, tx=tx, batches_per_epoch=batches_per_epoch,
@@ -937,6 +932,20 @@ def prepare_run(config: TrainConfig, data: TaskData, *, model: nn.Module | None 
                        init_state=init_state, init_digests=run_manifest["init_digests"],
                        init_weights_sha256=run_manifest["init_weights_sha256"], n_params=n_params,
                        environment=environment, manifest=run_manifest)
+
+
+def model_and_environment(config: TrainConfig, data: TaskData, model: nn.Module | None,
+                          environment: dict | None) -> tuple[nn.Module, dict]:
+    """``model`` or the config's model for ``data``'s labels; ``environment`` or this process's
+    fingerprint (the defaults of every run driver)."""
+    if environment is None:
+        from detjax.determinism import environment_fingerprint
+        environment = environment_fingerprint()
+    if model is None:
+        from detjax.models import get_model
+        model = get_model(config.arch, num_classes=len(data.labels), init_mode=config.init,
+                          variant=config.variant, **dict(config.model))
+    return model, environment
 
 
 def new_run_manifest(config: TrainConfig, data: TaskData, environment: dict, init_dict: dict, n_params: int,

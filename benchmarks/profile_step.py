@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Runs the compiled train step of one model in a loop, for an external profiler.
+
+Used for the profile in docs/RESULTS.md §3 (where the Conformer's step time goes)::
+
+    STEPS=10 python benchmarks/profile_step.py conformer &     # writes its pid to /tmp/profile_step.pid when compiled
+    perf record -F 499 -g -p $(cat /tmp/profile_step.pid) -o /tmp/perf.data -- sleep 15
+    perf report -i /tmp/perf.data --no-children --sort dso --stdio -g none
+
+Arguments: the model (conformer, baseline, resnet18) and optional extra XLA flags.
+Batch 128, 2 threads, deterministic configuration, synthetic batch.
+"""
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detjax import determinism
+determinism.configure(cpu_threads=2, extra_xla_flags=sys.argv[2:])
+import jax, numpy as np, jax.numpy as jnp
+from detjax.models import get_model
+from detjax.train import TrainConfig, create_train_state, make_optimizer, make_gather_step, pos_weights
+arch = sys.argv[1]
+shape, classes, init, loss = ((1000, 12), 12, "mixed", "weighted_bce") if arch != "resnet18" else ((28, 28, 1), 2, "dct", "ce")
+x = np.random.default_rng(0).standard_normal((256,) + shape).astype(np.float32)
+if loss == "ce":
+    y = np.eye(2, dtype=np.float32)[np.random.default_rng(1).integers(0, 2, 256)]
+else:
+    y = (np.random.default_rng(1).random((256, classes)) < .2).astype(np.float32)
+cfg = TrainConfig(task="ptbxl" if loss != "ce" else "medmnist", arch=arch, init=init, epochs=2, batch_size=128, loss=loss)
+model = get_model(arch, num_classes=classes, init_mode=init, **({"in_channels": 1} if arch == "resnet18" else {}))
+tx = make_optimizer(cfg, 2)
+st = create_train_state(model, tx, x[:1], 0)
+step = make_gather_step(model, tx, cfg, pos_weights(y) if loss != "ce" else None)
+xd, yd = jax.device_put(x), jax.device_put(y)
+idx = jnp.arange(128, dtype=jnp.int32)
+c = step.lower(st, idx, xd, yd).compile(); st, m = c(st, idx, xd, yd); jax.block_until_ready(st)
+open("/tmp/profile_step.pid", "w").write(str(os.getpid()))
+for i in range(int(os.environ.get("STEPS", "8"))):
+    st, m = c(st, idx, xd, yd)
+jax.block_until_ready(st)

@@ -1,5 +1,7 @@
 """`python -m detjax.ci gpu-check` runs on CPU too (small model, few steps), and cannot pass for
-the wrong reason: no compile cache, the required platform, a canary, a control with power."""
+the wrong reason: no compile cache, the required platform, a canary, a control with power.
+The full report of a passing tiny check is asserted on the GPU script's dry run
+(tests/test_gpu_validate.py), which runs that check anyway."""
 
 import json
 import os
@@ -22,33 +24,6 @@ def _gpu_check(*args, tmp_path):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "shared-cache"))
     return subprocess.run([sys.executable, "-m", "detjax.ci", "gpu-check", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
-
-
-def test_gpu_check_passes_on_cpu_and_reports_everything(tmp_path):
-    report_path = tmp_path / "report.json"
-    proc = _gpu_check(*TINY, "--runs", "3", "--report", str(report_path), tmp_path=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "PASS: tiny: 3 deterministic runs on cpu agree" in proc.stdout
-    report = json.loads(report_path.read_text())
-    assert report["passed"] is True and report["identical"] is True and report["platform"] == "cpu"
-    assert report["compile_cache"] == "disabled"
-    hashes = report["hashes"]["tiny"]
-    assert len(hashes["deterministic"]) == 3 and len(set(hashes["deterministic"])) == 1
-    assert len(hashes["deterministic"][0]) == 64 and len(hashes["control"]) == 2
-    canary = report["canary"]["tiny"]
-    assert canary["deterministic"]["all_identical"] is True
-    assert canary["deterministic"]["distinct_within_workers"] == [1, 1, 1]
-    # On CPU XLA is deterministic anyway: the control cannot show that the flags matter, and says so.
-    control = report["control_differs"]["tiny"]
-    assert control["state"] is False and control["canary"] is False and control["any"] is False
-    assert report["control_verdict"].startswith(ci.NO_POWER)
-    assert "control has no demonstrated power" in proc.stdout
-    arch = report["archs"]["tiny"]
-    assert "--xla_gpu_deterministic_ops=true" in arch["xla_flags"]
-    assert "--xla_gpu_deterministic_ops=true" not in (arch["control_xla_flags"] or [])
-    fingerprint = report["fingerprint"]
-    assert fingerprint["compile_cache"]["state"] == "disabled"
-    assert fingerprint["backend"]["platform"] == "cpu" and fingerprint["backend"]["gpu"] is None
 
 
 def test_require_platform_gpu_fails_clearly_on_cpu(tmp_path):

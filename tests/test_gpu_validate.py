@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from detjax import ci
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["wheels", "versions", "nvidia-smi", "flag-probe", "canary", "gpu-check-tiny", "ptbxl", "bench-train-step",
          "vmap-vs-solo"]
@@ -35,6 +37,10 @@ def test_dry_run_runs_every_step_and_ends_with_a_verdict(tmp_path):
     check = summary["gpu_check"]["tiny"]
     assert check["passed"] and check["compile_cache"] == "disabled"
     assert check["control_verdict"].startswith("control has no demonstrated power")
+    _check_gpu_check_report(json.loads((out / "gpu-check-tiny.json").read_text()))
+    check_log = (out / "gpu-check-tiny.log").read_text()
+    assert "PASS: tiny: 3 deterministic runs on cpu agree" in check_log
+    assert "control has no demonstrated power" in check_log
     assert summary["canary"]["deterministic"]["distinct"] == 1
     ptbxl = summary["ptbxl"]
     assert ptbxl["identical"] is True and ptbxl["killed"] is True and ptbxl["resumed_from_step"] == [1], ptbxl
@@ -45,3 +51,26 @@ def test_dry_run_runs_every_step_and_ends_with_a_verdict(tmp_path):
     assert summary["vmap_vs_solo"]["rows"][0]["k"] == 2
     assert (out / "fingerprint.json").exists() and (out / "flag-probe.json").exists()
     assert "PTB-XL runs + kill/resume identical" in last
+
+
+def _check_gpu_check_report(report):
+    """Everything ``detjax.ci gpu-check`` reports, here from the dry run's tiny check
+    (3 deterministic runs and one control run in fresh processes, on the CPU)."""
+    assert report["passed"] is True and report["identical"] is True and report["platform"] == "cpu"
+    assert report["compile_cache"] == "disabled"
+    hashes = report["hashes"]["tiny"]
+    assert len(hashes["deterministic"]) == 3 and len(set(hashes["deterministic"])) == 1
+    assert len(hashes["deterministic"][0]) == 64 and len(hashes["control"]) == 1
+    canary = report["canary"]["tiny"]
+    assert canary["deterministic"]["all_identical"] is True
+    assert canary["deterministic"]["distinct_within_workers"] == [1, 1, 1]
+    # On CPU XLA is deterministic anyway: the control cannot show that the flags matter, and says so.
+    control = report["control_differs"]["tiny"]
+    assert control["state"] is False and control["canary"] is False and control["any"] is False
+    assert report["control_verdict"].startswith(ci.NO_POWER)
+    arch = report["archs"]["tiny"]
+    assert "--xla_gpu_deterministic_ops=true" in arch["xla_flags"]
+    assert "--xla_gpu_deterministic_ops=true" not in (arch["control_xla_flags"] or [])
+    fingerprint = report["fingerprint"]
+    assert fingerprint["compile_cache"]["state"] == "disabled"
+    assert fingerprint["backend"]["platform"] == "cpu" and fingerprint["backend"]["gpu"] is None

@@ -554,7 +554,7 @@ def check_model(arch: str, *, batch: int = 2, grads: bool = True, atol: float = 
             data = dt.softmax_cross_entropy(logits, y)
         else:
             data = dt.weighted_bce_with_logits(logits, y, w, spec["logit_clamp"])
-        return data + dt._sown_losses(updated), (logits, updated.get("batch_stats", {}))
+        return data + dt.sown_losses(updated), (logits, updated.get("batch_stats", {}))
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     if not grads:  # the forward pass only (compiles in a fraction of the time)

@@ -103,10 +103,11 @@ def _train_steps(args) -> dict:
     import math
 
     import jax
+    import jax.numpy as jnp
 
     from detjax import hashing, ordering
     from detjax.models import get_model
-    from detjax.train import TrainConfig, create_train_state, make_optimizer, make_train_step
+    from detjax.train import TrainConfig, create_train_state, gather_batch, make_optimizer, make_train_step
 
     canary = _canary(args.canary_repeats, args.canary_size) if args.canary_repeats > 0 else None
     n = args.batch_size * args.steps
@@ -129,8 +130,8 @@ def _train_steps(args) -> dict:
     xd, yd = jax.device_put(x), jax.device_put(y)
     t0 = time.perf_counter()
     metrics = None
-    for b in ordering.batches(order, args.batch_size):
-        state, metrics = step(state, {"x": xd[b], "y": yd[b]})
+    for idx in ordering.batches(order, args.batch_size):
+        state, metrics = step(state, gather_batch(jnp.asarray(idx), xd, yd))
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     digests = hashing.tree_digests(jax.device_get(state))

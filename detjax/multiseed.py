@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detjax import hashing, manifest as manifest_lib
+from detjax import hashing, manifest as manifest_lib, ordering
 from detjax import train as train_lib
 from detjax.train import TaskData, TrainConfig, TrainState
 
@@ -118,7 +118,8 @@ def make_members_step(model, tx, config: TrainConfig, pos_weight: np.ndarray | N
                       seeded_augment: Callable | None = None, mode: str = "vmap") -> Callable:
     """``step(states, idx, seeds, train_x, train_y) -> (states, metrics)``, jitted, states donated.
 
-    ``idx`` is ``int32[k, B]``: member j's batch is ``train_x[idx[j]]``. With
+    ``idx`` is ``int32[k, B]``: member j's batch is ``train_x[idx[j]]``
+    (:func:`detjax.train.gather_batch`: padding slots masked). With
     ``seeded_augment(x, index, epoch, seed)`` member j's images are augmented with
     ``seeds[j]``, as its solo run (``TaskData.augment`` at ``config.seed``) would be.
     ``train_x``/``train_y`` are shared (not mapped): the data stays on the device once.
@@ -127,7 +128,7 @@ def make_members_step(model, tx, config: TrainConfig, pos_weight: np.ndarray | N
     def member_step(state, idx, seed, train_x, train_y):
         augment = None if seeded_augment is None else (lambda x, index, epoch: seeded_augment(x, index, epoch, seed))
         step_fn = train_lib.make_step_fn(model, tx, config, pos_weight, augment)
-        return step_fn(state, {"x": train_x[idx], "y": train_y[idx], "index": idx})
+        return step_fn(state, train_lib.gather_batch(idx, train_x, train_y))
 
     return jax.jit(_map_members(member_step, mode, (0, 0, 0, None, None)), donate_argnums=0)
 
@@ -185,7 +186,7 @@ def _members_executor(config: TrainConfig, data: TaskData, seeds: list[int], ste
 
     def batches(epoch):
         orders = np.stack([fn(epoch) for fn in order_fns]).astype(np.int32)  # [k, n]
-        return [orders[:, i:i + config.batch_size] for i in range(0, orders.shape[1], config.batch_size)]
+        return ordering.batches(orders, config.batch_size)
 
     return train_lib.Executor(
         members=len(seeds), batches=batches,

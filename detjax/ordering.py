@@ -70,6 +70,7 @@ __all__ = [
     "GoldenKeys",
     "GoldenSchedule",
     "batches",
+    "PAD",
     "epoch_batches",
     "epoch_order",
     "epoch_shift",
@@ -396,7 +397,7 @@ def seeded_order(n: int, seed, epoch, *, keys: str = "independent") -> jax.Array
 
 
 def num_batches(n: int, batch_size: int) -> int:
-    """``ceil(n / batch_size)``: full batches plus the kept last partial batch."""
+    """``ceil(n / batch_size)``: full batches plus the kept (padded) last partial batch."""
     n = _check_size(n, "n")
     batch_size = _check_batch_size(batch_size)
     return -(-n // batch_size)
@@ -425,15 +426,31 @@ def epoch_batches(order: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Arr
     return order[:cut].reshape(n_full, batch_size), order[cut:]
 
 
-def batches(order: jax.Array, batch_size: int) -> list[jax.Array]:
-    """``order`` cut into consecutive batches of ``batch_size``; the last may be shorter.
+PAD = -1  # the index that marks a padding slot in a batch
 
-    Returns ``num_batches(len(order), batch_size)`` index arrays.
+
+def batches(order, batch_size: int) -> list[np.ndarray]:
+    """``order`` cut into consecutive batches of ``min(batch_size, n)`` indices, the last one
+    filled up with :data:`PAD`: every batch of an epoch has one shape (one compiled step).
+
+    ``order`` is ``int[..., n]``, the samples on the last axis (``[k, n]``: k members' orders,
+    cut alike). The last partial batch is kept, never dropped: its real indices come first
+    and the train step masks the :data:`PAD` slots (:func:`detjax.train.gather_batch`), so
+    the samples and the math are those of the unpadded batch. Returns
+    ``num_batches(n, batch_size)`` host ``int32`` arrays.
     """
-    full, rest = epoch_batches(order, batch_size)
-    out = list(full)
-    if rest.shape[0]:
-        out.append(rest)
+    order = np.asarray(order, np.int32)
+    if order.ndim == 0:
+        raise ValueError("order must have a samples axis, got a scalar")
+    n = order.shape[-1]
+    size = max(min(_check_batch_size(batch_size), n), 1)
+    out = []
+    for start in range(0, n, size):
+        chunk = order[..., start:start + size]
+        missing = size - chunk.shape[-1]
+        if missing:
+            chunk = np.concatenate([chunk, np.full(chunk.shape[:-1] + (missing,), PAD, np.int32)], axis=-1)
+        out.append(chunk)
     return out
 
 

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import detjax.initializers as di
 from detjax import hashing, manifest as manifest_lib, ordering
+from detjax.models.layers import masked_mean
 
 __all__ = [
     "TrainConfig",
@@ -60,6 +61,8 @@ __all__ = [
     "prepare_run",
     "run_result",
     "make_gather_step",
+    "gather_batch",
+    "sown_losses",
     "train_and_evaluate",
 ]
 
@@ -214,7 +217,7 @@ class RunDirectoryError(ValueError):
 
 
 def weighted_bce_with_logits(logits: jax.Array, labels: jax.Array, pos_weight: jax.Array,
-                             clamp: float = 50.0) -> jax.Array:
+                             clamp: float = 50.0, mask: jax.Array | None = None) -> jax.Array:
     r"""Class-weighted binary cross-entropy on clamped logits, averaged over all entries.
 
     .. math::
@@ -222,16 +225,19 @@ def weighted_bce_with_logits(logits: jax.Array, labels: jax.Array, pos_weight: j
         \ell = -\frac{1}{BC}\sum_{b,c} \big[w_c\, y_{bc} \log\sigma(z_{bc})
                + (1 - y_{bc}) \log(1 - \sigma(z_{bc}))\big]
 
-    This is PyTorch's ``BCEWithLogitsLoss(pos_weight=w)`` after ``clamp(-c, c)``.
+    This is PyTorch's ``BCEWithLogitsLoss(pos_weight=w)`` after ``clamp(-c, c)``. With
+    ``mask`` (``bool[B]``) the sum and ``B`` run over the real samples only
+    (:func:`detjax.models.layers.masked_mean`).
     """
     z = jnp.clip(logits, -clamp, clamp)
     per_entry = pos_weight * labels * jax.nn.log_sigmoid(z) + (1.0 - labels) * jax.nn.log_sigmoid(-z)
-    return -jnp.mean(per_entry)
+    return -masked_mean(per_entry, mask)
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    r"""Mean cross-entropy with integer labels: :math:`-\frac1B\sum_b \log\mathrm{softmax}(z_b)_{y_b}`."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(-1)))
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    r"""Mean cross-entropy with integer labels: :math:`-\frac1B\sum_b \log\mathrm{softmax}(z_b)_{y_b}`
+    (with ``mask``: over the real samples only)."""
+    return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.reshape(-1)), mask)
 
 
 def pos_weights(y_train: np.ndarray) -> np.ndarray:
@@ -302,9 +308,17 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sampl
     )
 
 
-def _sown_losses(collections: Mapping[str, Any]) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(collections.get("losses", {}))
-    return sum(leaves, jnp.float32(0.0))
+def sown_losses(collections: Mapping[str, Any], mask: jax.Array | None = None) -> jax.Array:
+    r"""The sum of the model's auxiliary losses: each value sown into ``"losses"`` is per
+    sample (leading batch axis) and counts as its mean over the real samples
+    (:func:`detjax.models.layers.masked_mean`), so padding never enters a loss."""
+    total = jnp.float32(0.0)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(collections.get("losses", {})):
+        if leaf.ndim == 0:
+            raise ValueError(f"sown loss {jax.tree_util.keystr(path)} is a scalar; sow it per sample "
+                             "(leading batch axis), the step averages it over the real samples")
+        total = total + masked_mean(leaf, mask)
+    return total
 
 
 def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
@@ -313,29 +327,31 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, config: Tra
     """The pure, un-jitted ``step_fn(state, batch) -> (state, metrics)``.
 
     ``batch`` is ``{"x", "y"}`` plus ``"index"`` (the samples' dataset indices) when
-    ``augment(x, index, epoch)`` is given. Dropout draws from
-    ``fold_in(state.rng, state.step)``, so the randomness is a function of the step alone.
-    The loss adds every value the model sowed into its ``"losses"`` collection.
-    :func:`make_train_step` jits it; :mod:`detjax.multiseed` vmaps it over seeds.
+    ``augment(x, index, epoch)`` is given, and ``"mask"`` (``bool[B]``) when it is padded
+    (:func:`gather_batch`): the losses, the metrics and BatchNorm's statistics then count the
+    real samples only, so every batch of an epoch runs the same compiled program. Dropout
+    draws from ``fold_in(state.rng, state.step)``, so the randomness is a function of the step
+    alone. The loss adds every value the model sowed into its ``"losses"`` collection
+    (:func:`sown_losses`). :func:`make_train_step` jits it; :mod:`detjax.multiseed` vmaps it.
     """
     weight = None if pos_weight is None else jnp.asarray(pos_weight, jnp.float32)
 
-    def data_loss(logits, y):
+    def data_loss(logits, y, mask):
         if config.loss == "ce":
-            return softmax_cross_entropy(logits, y)
+            return softmax_cross_entropy(logits, y, mask)
         w = weight if config.loss == "weighted_bce" else jnp.ones(logits.shape[-1], jnp.float32)
-        return weighted_bce_with_logits(logits, y, w, config.logit_clamp)
+        return weighted_bce_with_logits(logits, y, w, config.logit_clamp, mask)
 
-    def loss_fn(params, state: TrainState, x, y, dropout_key):
+    def loss_fn(params, state: TrainState, x, y, mask, dropout_key):
         variables = {"params": params}
         mutable = ["losses"]
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
             mutable.append("batch_stats")
-        logits, updated = model.apply(variables, x, train=True, rngs={"dropout": dropout_key},
+        logits, updated = model.apply(variables, x, train=True, mask=mask, rngs={"dropout": dropout_key},
                                       mutable=mutable)
-        main = data_loss(logits, y)
-        aux = _sown_losses(updated)
+        main = data_loss(logits, y, mask)
+        aux = sown_losses(updated, mask)
         return main + aux, (main, aux, updated.get("batch_stats", state.batch_stats))
 
     def step_fn(state: TrainState, batch: Mapping[str, jax.Array]):
@@ -344,7 +360,7 @@ def make_step_fn(model: nn.Module, tx: optax.GradientTransformation, config: Tra
             x = augment(x, batch["index"], state.epoch)
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grads, (main, aux, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state, x, batch["y"], dropout_key)
+            state.params, state, x, batch["y"], batch.get("mask"), dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             params=optax.apply_updates(state.params, updates),
@@ -370,7 +386,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config: 
     the state is replicated, and the gradient (a mean over the global batch) is reduced by
     XLA collectives. The math is the single-device step's; only the placement and so the
     order of the cross-device sums change. A batch whose size the device count does not
-    divide (the last partial batch of an epoch) runs replicated on every device.
+    divide runs replicated on every device (the last partial batch of an epoch is padded to
+    the batch size, :func:`detjax.ordering.batches`, so it is split like the others).
     """
     step_fn = make_step_fn(model, tx, config, pos_weight, augment)
     if mesh is None:
@@ -540,8 +557,15 @@ def _make_order_fn(config: TrainConfig, data: TaskData):
     return lambda epoch: np.asarray(order(epoch))
 
 
-def _epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    return [order[i:i + batch_size] for i in range(0, order.shape[0], batch_size)]
+def gather_batch(idx, train_x, train_y) -> dict[str, Any]:
+    """The batch ``{"x", "y", "index", "mask"}`` of the indices ``idx`` (a batch of
+    :func:`detjax.ordering.batches`): ``mask`` marks the real samples; a padding slot
+    (``ordering.PAD``) holds sample 0, which the masked losses and statistics ignore. Works on
+    numpy (host) and jax (inside the jitted step) arrays alike."""
+    xp = jnp if isinstance(idx, jax.Array) else np
+    mask = idx != ordering.PAD
+    index = xp.where(mask, idx, 0)
+    return {"x": train_x[index], "y": train_y[index], "index": index, "mask": mask}
 
 
 def _check_run_dir(workdir: Path, config_hash: str, resume: bool) -> None:
@@ -773,26 +797,25 @@ def _solo_executor(config: TrainConfig, data: TaskData, train_step, predict_batc
             return train_step(state, jnp.asarray(idx, jnp.int32), train_x, train_y)
     else:
         def step(state, idx):
-            idx = np.asarray(idx, np.int32)
-            return train_step(state, {"x": data.train_x[idx], "y": data.train_y[idx], "index": idx})
+            return train_step(state, gather_batch(np.asarray(idx, np.int32), data.train_x, data.train_y))
 
     def update_best(best, state, improved, epoch, scores):
         return {"params": _host_copy(state.params), "batch_stats": _host_copy(state.batch_stats),
                 "epoch": np.array(epoch, np.int32), "score": np.array(scores[0], np.float32)}
 
     return Executor(
-        members=1, batches=lambda epoch: _epoch_batches(order_fn(epoch), config.batch_size), step=step,
+        members=1, batches=lambda epoch: ordering.batches(order_fn(epoch), config.batch_size), step=step,
         scores=lambda variables, x: predict(predict_batch, variables, x, config.eval_batch_size)[None],
         update_best=update_best, save=checkpoint)
 
 
 def make_gather_step(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
                      pos_weight: np.ndarray | None = None, augment: Callable | None = None) -> Callable:
-    """``step(state, idx, train_x, train_y)``: :func:`make_step_fn` on the batch
-    ``train_x[idx]``, gathered inside the one jitted program (state donated)."""
+    """``step(state, idx, train_x, train_y)``: :func:`make_step_fn` on the batch of ``idx``
+    (:func:`gather_batch`: padding slots masked), gathered inside the one jitted program
+    (state donated)."""
     step_fn = make_step_fn(model, tx, config, pos_weight, augment)
-    return jax.jit(lambda state, idx, x, y: step_fn(state, {"x": x[idx], "y": y[idx], "index": idx}),
-                   donate_argnums=0)
+    return jax.jit(lambda state, idx, x, y: step_fn(state, gather_batch(idx, x, y)), donate_argnums=0)
 
 
 def train_and_evaluate(config: TrainConfig, data: TaskData, workdir: str | Path, *,

@@ -412,7 +412,7 @@ def _loss_fn(model, train):
         variables = {"params": params, **extra}
         logits, state = model.apply(variables, x, train=train, rngs={"dropout": key},
                                     mutable=["losses", "intermediates", "batch_stats"])
-        aux = sum(jax.tree.leaves(state.get("losses", {})), jnp.float32(0))
+        aux = sum((jnp.mean(v) for v in jax.tree.leaves(state.get("losses", {}))), jnp.float32(0))
         y = (jnp.arange(12)[None, :] % 2).astype(jnp.float32)
         bce = jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
         return bce + aux, (logits, state)
@@ -448,9 +448,9 @@ def test_conformer_forward_gradient_and_aux_loss(conformer_mixed):
     np.testing.assert_allclose(np.asarray(inter["hidden"][0]), h, rtol=1e-4, atol=1e-6)
     heads = np.stack([np.asarray(params[f"heads_{k}"]["kernel"])[:, 0] for k in range(12)], axis=1)
     np.testing.assert_allclose(np.asarray(logits), h @ heads, rtol=1e-4, atol=1e-6)
-    aux = float(state["losses"]["bottleneck_l2"][0])
-    assert aux > 0
-    np.testing.assert_allclose(aux, 0.01 * np.mean(h[:, 12:] ** 2), rtol=1e-4)
+    aux = np.asarray(state["losses"]["bottleneck_l2"][0])  # per sample
+    assert aux.shape == (B,) and np.all(aux > 0)
+    np.testing.assert_allclose(aux, 0.01 * np.mean(h[:, 12:] ** 2, axis=-1), rtol=1e-4)
     assert list(state["losses"]) == ["bottleneck_l2"]
     _check_gradient_step(params, grads, jaxpr)
 

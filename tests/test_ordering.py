@@ -305,39 +305,45 @@ def test_seed_plus_epoch_keys_share_permutations_across_seeds():
 # --------------------------------------------------------------------------- batching
 @PROPERTY
 @given(n=st.integers(0, 700), batch_size=st.integers(1, 200))
-def test_batches_keep_the_last_partial_batch(n, batch_size):
-    # numpy input: the functions only slice and reshape, and this avoids a compile per shape
+def test_batches_keep_the_last_partial_batch_padded_to_one_shape(n, batch_size):
     order = np.arange(n, dtype=np.int32)[::-1]
     parts = ordering.batches(order, batch_size)
     assert len(parts) == ordering.num_batches(n, batch_size) == math.ceil(n / batch_size)
-    assert all(p.shape == (batch_size,) for p in parts[:-1])
-    if parts:
-        assert parts[-1].shape == (n % batch_size or batch_size,)
+    assert {p.shape for p in parts} <= {(min(batch_size, n),)}  # one shape: one compiled step
     joined = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    np.testing.assert_array_equal(joined, order)
+    real = joined[joined != ordering.PAD]
+    np.testing.assert_array_equal(real, order)  # every sample once, in order, none dropped
+    assert np.all(joined[real.size:] == ordering.PAD)  # the padding is at the end
     full, rest = ordering.epoch_batches(order, batch_size)
     assert full.shape == (n // batch_size, batch_size) and rest.shape == (n % batch_size,)
     np.testing.assert_array_equal(np.concatenate([full.ravel(), rest]), order)
 
 
-def test_batches_of_a_device_order_and_under_jit():
+def test_batches_of_a_device_order_of_stacked_orders_and_under_jit():
     order = ordering.epoch_order(ordering.golden_index_keys(300), 2)
     parts = ordering.batches(order, 128)
-    assert [p.shape for p in parts] == [(128,), (128,), (44,)]
-    np.testing.assert_array_equal(jnp.concatenate(parts), order)
+    assert [p.shape for p in parts] == [(128,)] * 3 and parts[-1].dtype == np.int32
+    np.testing.assert_array_equal(np.concatenate(parts)[:300], order)
+    assert np.all(parts[-1][44:] == ordering.PAD)
     full, rest = jax.jit(ordering.epoch_batches, static_argnums=1)(order, 128)
     np.testing.assert_array_equal(full, np.asarray(order)[:256].reshape(2, 128))
     np.testing.assert_array_equal(rest, np.asarray(order)[256:])
-    assert ordering.batches(order, 100)[-1].shape == (100,)  # exact multiple: no empty batch
+    assert ordering.batches(order, 100)[-1].tolist() == np.asarray(order)[200:].tolist()  # exact multiple
     assert len(ordering.batches(order, 100)) == 3
+    assert [b.tolist() for b in ordering.batches(np.arange(3), 8)] == [[0, 1, 2]]  # n < batch: no padding
+    stacked = ordering.batches(np.stack([np.arange(5), np.arange(5)[::-1]]), 2)  # k members, cut alike
+    assert [b.shape for b in stacked] == [(2, 2)] * 3
+    assert stacked[-1].tolist() == [[4, ordering.PAD], [0, ordering.PAD]]
 
 
 def test_batching_rejects_bad_batch_size():
     for bad in (0, -3, 2.0):
         with pytest.raises(ValueError, match="batch_size"):
             ordering.num_batches(10, bad)
-    with pytest.raises(ValueError, match="1-D"):
-        ordering.batches(jnp.zeros((2, 2), jnp.int32), 2)
+        with pytest.raises(ValueError, match="batch_size"):
+            ordering.batches(np.arange(4), bad)
+    with pytest.raises(ValueError, match="samples axis"):
+        ordering.batches(np.int32(3), 2)
 
 
 # --------------------------------------------------------------------------- order functions

@@ -301,3 +301,68 @@ def test_the_epoch_loop_reads_nothing_back_from_the_device_per_batch(tmp_path, m
     assert len(reads) <= config.epochs, reads
     assert not stopped and saved == [0, 1] and [r["epoch"] for r in history] == [0, 1]
     assert int(jax.device_get(state.step)) == 2 * math.ceil(data.train_x.shape[0] / 8)
+
+
+# ------------------------------------------------------- the padded last batch (one program)
+def _padded_vs_unpadded(arch, n_real=5, size=8, **model_kw):
+    """One train step on ``n_real`` samples, (a) as they are and (b) padded to ``size`` with
+    garbage rows (c) padded with sample 0 (:func:`gather_batch`)."""
+    from detjax.models import get_model
+    from detjax.ordering import PAD
+    from detjax.train import gather_batch, make_step_fn
+
+    # SGD: the step is linear in the gradient (Adam's first step is about lr * sign(g), which
+    # rounding flips for gradients near 0)
+    config = small_config(arch=arch, init="kaiming", optimizer="sgd", learning_rate=0.1, momentum=0.0)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n_real, 64, 3)).astype(np.float32)
+    y = (rng.random((n_real, 4)) < 0.5).astype(np.float32)
+    model = get_model(arch, num_classes=4, init="kaiming", **model_kw)
+    tx = make_optimizer(config, 1)
+    step = jax.jit(make_step_fn(model, tx, config, pos_weights(y)))
+    state = create_train_state(model, tx, x[:1], 0)
+    plain = step(jax.tree_util.tree_map(jnp.copy, state), {"x": x, "y": y})
+    idx = np.array(list(range(n_real)) + [PAD] * (size - n_real), np.int32)
+    sample0 = step(jax.tree_util.tree_map(jnp.copy, state), gather_batch(jnp.asarray(idx), x, y))
+    garbage = gather_batch(idx, x, y)
+    garbage["x"] = garbage["x"].copy()
+    garbage["x"][n_real:] = 1e3 * rng.standard_normal(garbage["x"][n_real:].shape)
+    garbage["y"] = garbage["y"].copy()
+    garbage["y"][n_real:] = 1.0 - garbage["y"][n_real:]
+    return plain, sample0, step(jax.tree_util.tree_map(jnp.copy, state), garbage)
+
+
+@pytest.mark.parametrize("arch, model_kw", [("baseline", {"in_leads": 3, "feature_dropout": 0.0,
+                                                          "hidden_dropout": 0.0}),
+                                            ("tiny", {"dropout": 0.0})])
+def test_a_padded_batch_trains_exactly_as_the_unpadded_one(arch, model_kw):
+    """The losses, the gradient step and BatchNorm's statistics of a padded batch are those of
+    its real samples (to float32 rounding: the sums run over another shape), and what the
+    padding slots hold changes no bit."""
+    (plain, plain_m), (padded, padded_m), (garbage, garbage_m) = _padded_vs_unpadded(arch, **model_kw)
+    for key in ("loss", "data_loss", "aux_loss", "grad_norm"):
+        np.testing.assert_allclose(float(padded_m[key]), float(plain_m[key]), rtol=2e-6)
+    for a, b in zip(jax.tree.leaves((padded.params, padded.batch_stats)), jax.tree.leaves((plain.params, plain.batch_stats))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    if arch == "baseline":  # the running statistics moved, by the real samples' statistics
+        assert not np.array_equal(jax.tree.leaves(padded.batch_stats)[0], np.zeros_like(jax.tree.leaves(padded.batch_stats)[0]))
+    assert hashing.tree_sha256(padded) == hashing.tree_sha256(garbage)
+    assert {k: float(v) for k, v in padded_m.items()} == {k: float(v) for k, v in garbage_m.items()}
+
+
+def test_every_batch_of_an_epoch_runs_one_compiled_step(tmp_path, monkeypatch):
+    """40 training samples in batches of 16: 16, 16 and 8 + 8 padding slots, one program."""
+    from detjax import train
+
+    steps = []
+    original = train.make_gather_step
+    monkeypatch.setattr(train, "make_gather_step", lambda *a, **k: steps.append(original(*a, **k)) or steps[-1])
+    train_and_evaluate(small_config(epochs=2), tasks.load_task(small_config()), tmp_path / "run", progress=False)
+    assert len(steps) == 1 and steps[0]._cache_size() == 1
+
+
+def test_a_scalar_sown_loss_is_refused():
+    from detjax.train import sown_losses
+
+    with pytest.raises(ValueError, match="sow it per sample"):
+        sown_losses({"losses": {"l2": (jnp.float32(1.0),)}}, jnp.ones(4, bool))

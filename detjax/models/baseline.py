@@ -50,13 +50,13 @@ KERNEL = 5
 NUM_PARAMS = 1_653_772
 
 
-def _conv_bn(x, features, *, stage, stride, train, init_mode, variant, released_name):
+def _conv_bn(x, features, *, stage, stride, train, mask, init_mode, variant, released_name):
     """``Conv(k5, stride) → BN`` as submodules ``conv`` and ``bn`` of the calling module."""
     x = L.conv1d(
         x, features, KERNEL, stride=stride, stage=stage, init_mode=init_mode, variant=variant, name="conv",
         released_name=released_name,
     )
-    return L.BatchNorm(name="bn")(x, use_running_average=not train)
+    return L.BatchNorm(name="bn")(x, use_running_average=not train, mask=mask)
 
 
 class ConvBN(nn.Module):
@@ -70,10 +70,10 @@ class ConvBN(nn.Module):
     released_name: str | None = None  # the conv's name in the released code (mixed_as_released)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         kw = dict(stage=self.stage, stride=self.stride, init_mode=self.init_mode, variant=self.variant,
                   released_name=self.released_name)
-        return nn.relu(_conv_bn(x, self.features, train=train, **kw))
+        return nn.relu(_conv_bn(x, self.features, train=train, mask=mask, **kw))
 
 
 class ResBlock(nn.Module):
@@ -85,10 +85,10 @@ class ResBlock(nn.Module):
     released_name: str | None = None  # the conv's name in the released code (mixed_as_released)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         kw = dict(stage=self.stage, stride=1, init_mode=self.init_mode, variant=self.variant,
                   released_name=self.released_name)
-        return x + nn.relu(_conv_bn(x, x.shape[-1], train=train, **kw))
+        return x + nn.relu(_conv_bn(x, x.shape[-1], train=train, mask=mask, **kw))
 
 
 class ECGBaselineCNN(nn.Module):
@@ -103,8 +103,9 @@ class ECGBaselineCNN(nn.Module):
       feature_dropout: dropout rate on the pooled 512 features (0.5).
       hidden_dropout: dropout rate on the 128 hidden units (0.25).
 
-    ``__call__(x, train=False)``: in training, BN uses batch statistics (call with
-    ``mutable=["batch_stats"]``) and dropout needs ``rngs={"dropout": key}``.
+    ``__call__(x, train=False, mask=None)``: in training, BN uses batch statistics (call with
+    ``mutable=["batch_stats"]``; ``mask``, ``bool[B]``, limits them to the real samples of a
+    padded batch) and dropout needs ``rngs={"dropout": key}``.
     """
 
     num_classes: int = 12
@@ -115,14 +116,14 @@ class ECGBaselineCNN(nn.Module):
     hidden_dropout: float = 0.25
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
         L.check_init_mode(self.init_mode, "ECGBaselineCNN")
         x = L.check_ecg_input(x, self.in_leads, "ECGBaselineCNN")
         kw = dict(init_mode=self.init_mode, variant=self.variant)
 
         # released_name: the module names of the released code, 1-based stages ("stage1" is
         # our stage0) and "downN" transitions; they pick the bases of "mixed_as_released".
-        x = ConvBN(STEM_WIDTH, "stem", stride=2, name="stem", released_name="stem.0", **kw)(x, train)
+        x = ConvBN(STEM_WIDTH, "stem", stride=2, name="stem", released_name="stem.0", **kw)(x, train, mask)
         self.sow("intermediates", "stem_conv", x)
         x = L.max_pool1d(x, 3, 2, 1)
         self.sow("intermediates", "stem_pool", x)
@@ -132,11 +133,11 @@ class ECGBaselineCNN(nn.Module):
             first = 0
             if width != x.shape[-1]:  # transition conv, stride 2, is module 0 of the stage
                 x = ConvBN(width, stage, stride=2, name=f"stages_{s}_0", released_name=f"down{s}.0",
-                           **kw)(x, train)
+                           **kw)(x, train, mask)
                 first = 1
             for b in range(depth):
                 x = ResBlock(stage, name=f"stages_{s}_{first + b}", released_name=f"stage{s + 1}.{b}.conv",
-                             **kw)(x, train)
+                             **kw)(x, train, mask)
             self.sow("intermediates", stage, x)
 
         pooled = jnp.concatenate([jnp.mean(x, axis=1), jnp.max(x, axis=1)], axis=-1)

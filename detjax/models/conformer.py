@@ -55,8 +55,9 @@ Head: ``h = GELU(Dense(320→K+2)(concat(mean_t x, max_t x)))`` (K = ``num_class
 ``k = heads.k(h)``, head ``k`` initialised with vertex ``k`` of a closed-form simplex ETF
 with K+1 vertices in K+2 dims (``di.etf_head_init``), bias 0; for ``init_mode="kaiming"`` the
 heads get PyTorch's default init instead. The auxiliary loss
-``0.01 * mean(h[:, K:]**2)`` (the 2 extra bottleneck dims) is sown as
-``("losses", "bottleneck_l2")``.
+``0.01 * mean(h[:, K:]**2)`` (the 2 extra bottleneck dims) is sown per sample,
+``0.01 * mean(h[b, K:]**2)`` of shape ``(B,)``, as ``("losses", "bottleneck_l2")``; the
+train step averages it over the batch's real samples.
 
 Intermediates sown under ``"intermediates"``: ``stem_conv`` (after the first conv),
 ``stem_pool`` (after the stem's pooling), ``stage0`` … ``stage3``, ``transformer``, ``pooled``
@@ -219,9 +220,10 @@ class ECGConformer(nn.Module):
       transformer_fixup: also scale the attention out-projection and the conv module's
         pointwise conv by 0.01 (not the release's behaviour; see the module docstring).
 
-    ``__call__(x, train=False)``: ``x`` is ``(B, T, in_leads)``; returns ``(B, num_classes)``.
-    ``train`` is accepted for a uniform model signature; the Conformer has no dropout or
-    batch statistics, so it changes nothing.
+    ``__call__(x, train=False, mask=None)``: ``x`` is ``(B, T, in_leads)``; returns
+    ``(B, num_classes)``. ``train`` and ``mask`` are accepted for a uniform model signature;
+    the Conformer has no dropout or batch statistics (every sample is computed on its own),
+    so they change nothing.
     """
 
     num_classes: int = 12
@@ -231,8 +233,8 @@ class ECGConformer(nn.Module):
     transformer_fixup: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no train-time behaviour in this model
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
+        del train, mask  # no train-time behaviour, nothing computed across samples
         L.check_init_mode(self.init_mode, "ECGConformer")
         x = L.check_ecg_input(x, self.in_leads, "ECGConformer")
         kw = dict(init_mode=self.init_mode, variant=self.variant)
@@ -265,7 +267,7 @@ class ECGConformer(nn.Module):
         k = self.num_classes
         h = L.gelu(L.dense(pooled, k + 2, stage="head", name="bottleneck", **kw))
         self.sow("intermediates", "hidden", h)
-        self.sow("losses", "bottleneck_l2", AUX_WEIGHT * jnp.mean(h[:, k:] ** 2))
+        self.sow("losses", "bottleneck_l2", AUX_WEIGHT * jnp.mean(h[:, k:] ** 2, axis=-1))
 
         # K separate heads (separate parameter sets, as in PyTorch's ModuleList).
         logits = [

@@ -9,7 +9,9 @@ Every op here has a forward AND a backward pass that XLA lowers without atomics 
   pads), never ``reduce_window``;
 * :func:`avg_pool1d` is a sum of ``k`` strided slices;
 * :class:`BatchNorm` follows PyTorch's ``BatchNorm1d`` semantics exactly (unbiased running
-  variance), so exported statistics mean the same thing in both frameworks.
+  variance), so exported statistics mean the same thing in both frameworks; given a batch
+  ``mask`` it takes its statistics from the real samples only (:func:`masked_mean`), so a
+  padded last batch normalises exactly as the unpadded one would.
 
 Layout is channel-last: ``(B, T, C)``. Convolutions and dense layers take their kernel and
 bias initialisers from :mod:`detjax.initializers` (``di.kernel_init`` / ``di.bias_init``)
@@ -45,6 +47,7 @@ __all__ = [
     "max_pool1d",
     "avg_pool1d",
     "BatchNorm",
+    "masked_mean",
     "check_ecg_input",
     "check_init_mode",
     "ECG_INIT_MODES",
@@ -249,6 +252,23 @@ def avg_pool1d(x: jax.Array, window: int, stride: int, padding: int) -> jax.Arra
 
 
 # ------------------------------------------------------------------------- batch norm
+def masked_mean(values: jax.Array, mask: jax.Array | None = None, axis=None) -> jax.Array:
+    r"""Mean of ``values`` over ``axis`` (all axes by default) that counts only real samples.
+
+    ``mask`` is ``bool[B]`` over the leading (sample) axis of ``values``; with
+    :math:`m_b \in \{0, 1\}` and the reduced entries :math:`v_{b,j}` of sample :math:`b`,
+
+    .. math:: \bar v = \frac{\sum_b m_b \sum_j v_{b,j}}{\sum_b m_b \sum_j 1}.
+
+    Padded samples (:math:`m_b = 0`) are selected away (``jnp.mean(..., where=)``), so they add
+    nothing to the value or to its gradient, whatever they hold. Without ``mask``: ``jnp.mean``.
+    """
+    if mask is None:
+        return jnp.mean(values, axis=axis)
+    where = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim)), values.shape)
+    return jnp.mean(values, axis=axis, where=where)
+
+
 class BatchNorm(nn.Module):
     r"""PyTorch ``BatchNorm1d`` on channel-last input, statistics over all but the last axis.
 
@@ -256,9 +276,10 @@ class BatchNorm(nn.Module):
     biased batch variance; running statistics are updated as
     ``m * running + (1 - m) * batch`` with the UNBIASED variance
     :math:`\sigma^2_B \cdot n/(n-1)`, exactly as PyTorch does (Flax's ``BatchNorm`` stores the
-    biased one). Evaluation uses the running statistics. Parameters ``scale`` (1) and
-    ``bias`` (0); statistics ``mean`` (0) and ``var`` (1) in ``"batch_stats"``. Statistics are
-    not updated during ``init``.
+    biased one). With ``mask`` (``bool[B]``, the real samples of a padded batch) the batch
+    statistics and ``n`` count the real samples only (:func:`masked_mean`). Evaluation uses the
+    running statistics. Parameters ``scale`` (1) and ``bias`` (0); statistics ``mean`` (0) and
+    ``var`` (1) in ``"batch_stats"``. Statistics are not updated during ``init``.
     """
 
     use_running_average: bool | None = None
@@ -266,7 +287,8 @@ class BatchNorm(nn.Module):
     epsilon: float = BN_EPSILON
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         features = x.shape[-1]
         axes = tuple(range(x.ndim - 1))
@@ -282,9 +304,12 @@ class BatchNorm(nn.Module):
                 raise ValueError(
                     f"BatchNorm needs more than one value per channel in training, got input shape {x.shape}"
                 )
-            mean = jnp.mean(x, axis=axes)
-            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            mean = masked_mean(x, mask, axes)
+            var = masked_mean(jnp.square(x - mean), mask, axes)
             if not self.is_initializing():
+                if mask is not None:  # the real values per channel; a single one keeps var (0) as is
+                    n = jnp.sum(mask, dtype=jnp.float32) * (n // x.shape[0])
+                    n = jnp.maximum(n, 2.0)
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
                 ra_var.value = m * ra_var.value + (1.0 - m) * (var * (n / (n - 1)))

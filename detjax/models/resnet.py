@@ -136,18 +136,18 @@ class BasicBlock(nn.Module):
     released_prefix: str | None = None  # e.g. "layer2.0", the block's name in the released code
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         kw = dict(stage=self.stage, init=self.init_mode, variant=self.variant)
         released = lambda name: self.released_prefix and f"{self.released_prefix}.{name}"  # noqa: E731
         bn = lambda name: L.BatchNorm(name=name)  # noqa: E731
         y = _conv(self.features, 3, self.strides, name="conv1", released_name=released("conv1"), **kw)(x)
-        y = nn.relu(bn("bn1")(y, use_running_average=not train))
+        y = nn.relu(bn("bn1")(y, use_running_average=not train, mask=mask))
         y = _conv(self.features, 3, 1, name="conv2", scale=FIXUP_SCALE, released_name=released("conv2"), **kw)(y)
-        y = bn("bn2")(y, use_running_average=not train)
+        y = bn("bn2")(y, use_running_average=not train, mask=mask)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = _conv(self.features, 1, self.strides, name="downsample_0", released_name=released("shortcut"),
                       **kw)(x)
-            x = bn("downsample_1")(x, use_running_average=not train)
+            x = bn("downsample_1")(x, use_running_average=not train, mask=mask)
         return nn.relu(y + x)
 
 
@@ -166,8 +166,9 @@ class ResNet18(nn.Module):
         the paper's ResNet-18; smaller widths (e.g. 16, about 1/16 of the FLOPs) are for
         reduced CPU studies and must be reported as such.
 
-    ``__call__(x, train=False)``: in training BN uses batch statistics and updates the
-    running ones (call with ``mutable=["batch_stats"]``).
+    ``__call__(x, train=False, mask=None)``: in training BN uses batch statistics and updates
+    the running ones (call with ``mutable=["batch_stats"]``); ``mask`` (``bool[B]``) limits
+    the statistics to the real samples of a padded batch.
     """
 
     num_classes: int
@@ -177,7 +178,7 @@ class ResNet18(nn.Module):
     width: int = STEM_WIDTH
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
         _check_init(self.init_mode)
         if self.width < 1:
             raise ValueError(f"ResNet18 width must be a positive channel count, got {self.width}")
@@ -190,7 +191,7 @@ class ResNet18(nn.Module):
         kw = dict(init=self.init_mode, variant=self.variant)
 
         x = _conv(self.width, 3, 1, stage="stem", name="conv1", **kw)(x)
-        x = nn.relu(L.BatchNorm(name="bn1")(x, use_running_average=not train))
+        x = nn.relu(L.BatchNorm(name="bn1")(x, use_running_average=not train, mask=mask))
         self.sow("intermediates", "stem", x)
 
         for s, (base_width, depth, stride) in enumerate(zip(STAGE_WIDTHS, STAGE_DEPTHS, STAGE_STRIDES)):
@@ -199,7 +200,7 @@ class ResNet18(nn.Module):
                 stage, strides = f"stage{s}", stride if b == 0 else 1
                 block = BasicBlock(width, strides, stage, self.init_mode, self.variant,
                                    released_prefix=f"layer{s + 1}.{b}", name=f"layer{s + 1}_{b}")
-                x = block(x, train)
+                x = block(x, train, mask)
             self.sow("intermediates", f"stage{s}", x)
 
         pooled = jnp.mean(x, axis=(1, 2))

@@ -23,7 +23,8 @@ class TinyECG(nn.Module):
     in_leads: int | None = None  # checked against the input when given (the ECG recipes pass it)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
+        del mask  # nothing is computed across samples
         if self.in_leads is not None and x.shape[-1] != self.in_leads:
             raise ValueError(f"TinyECG expects (B, T, {self.in_leads}), got shape {x.shape}")
         def conv(features, stride, stage, fan_in, scale=1.0):
@@ -38,5 +39,5 @@ class TinyECG(nn.Module):
         pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
         logits = nn.Dense(self.num_classes, kernel_init=di.kernel_init(self.init_mode, "head", variant=self.variant),
                           bias_init=di.bias_init(self.init_mode, pooled.shape[-1]))(pooled)
-        self.sow("losses", "logit_l2", 1e-4 * jnp.mean(logits ** 2))
+        self.sow("losses", "logit_l2", 1e-4 * jnp.mean(logits ** 2, axis=-1))  # per sample
         return logits

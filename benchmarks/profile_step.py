@@ -8,21 +8,27 @@ Used for the profile in docs/RESULTS.md §3 (where the Conformer's step time goe
     perf report -i /tmp/perf.data --no-children --sort dso --stdio -g none
 
 Arguments: the model (conformer, baseline, resnet18) and optional extra XLA flags.
-Batch 128, 2 threads, deterministic configuration, synthetic batch.
+Batch 128, 2 threads, deterministic configuration, synthetic batch. It first prints where the
+first step's time goes (``first step: trace … lower … compile … first run … s``, the HLO size;
+no compilation cache), the profile behind the first-step row of docs/RESULTS.md §3::
+
+    STEPS=0 python benchmarks/profile_step.py conformer
 """
 import os
 import sys
+import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detjax import determinism
 determinism.configure(cpu_threads=2, extra_xla_flags=sys.argv[2:])
 import jax, numpy as np, jax.numpy as jnp
+jax.config.update("jax_enable_compilation_cache", False)
 from detjax.models import get_model
 from detjax.train import TrainConfig, create_train_state, make_optimizer, make_gather_step, pos_weights
 arch = sys.argv[1]
 shape, classes, init, loss = ((1000, 12), 12, "mixed", "weighted_bce") if arch != "resnet18" else ((28, 28, 1), 2, "dct", "ce")
 x = np.random.default_rng(0).standard_normal((256,) + shape).astype(np.float32)
 if loss == "ce":
-    y = np.eye(2, dtype=np.float32)[np.random.default_rng(1).integers(0, 2, 256)]
+    y = np.random.default_rng(1).integers(0, 2, 256).astype(np.int32)  # class indices, as the CE loss takes them
 else:
     y = (np.random.default_rng(1).random((256, classes)) < .2).astype(np.float32)
 cfg = TrainConfig(task="ptbxl" if loss != "ce" else "medmnist", arch=arch, init=init, epochs=2, batch_size=128, loss=loss)
@@ -32,7 +38,13 @@ st = create_train_state(model, tx, x[:1], 0)
 step = make_gather_step(model, tx, cfg, pos_weights(y) if loss != "ce" else None)
 xd, yd = jax.device_put(x), jax.device_put(y)
 idx = jnp.arange(128, dtype=jnp.int32)
-c = step.lower(st, idx, xd, yd).compile(); st, m = c(st, idx, xd, yd); jax.block_until_ready(st)
+t0 = time.perf_counter(); traced = step.trace(st, idx, xd, yd)
+t1 = time.perf_counter(); lowered = traced.lower()
+t2 = time.perf_counter(); c = lowered.compile()
+t3 = time.perf_counter(); st, m = c(st, idx, xd, yd); jax.block_until_ready(st)
+t4 = time.perf_counter()
+print(f"first step: trace {t1 - t0:.1f} lower {t2 - t1:.1f} compile {t3 - t2:.1f} first run {t4 - t3:.1f} s "
+      f"(total {t4 - t0:.1f} s; {lowered.as_text().count(chr(10))} lines of StableHLO)", flush=True)
 open("/tmp/profile_step.pid", "w").write(str(os.getpid()))
 for i in range(int(os.environ.get("STEPS", "8"))):
     st, m = c(st, idx, xd, yd)

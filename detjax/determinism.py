@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 __all__ = [
+    "host_allocator_info",
     "DETERMINISTIC_XLA_FLAGS",
     "FAIL_CLOSED_GPU_FLAGS",
     "FlagProbe",
@@ -647,8 +648,21 @@ def environment_fingerprint() -> dict:
         "jax_config": {name: _jsonable(getattr(jax.config, name, None))
                        for name in _REPORTED_CONFIG},
         "compile_cache": _compile_cache_info(),
+        "host_allocator": host_allocator_info(),
         "determinism": json.loads(json.dumps(_applied)) if _applied is not None else None,
     }
+
+
+def host_allocator_info() -> dict:
+    """The C library and any allocator preloaded into this process (``LD_PRELOAD`` entries by
+    file name; ``MALLOC_*`` variables such as jemalloc's ``MALLOC_CONF`` and glibc's, and
+    ``GLIBC_TUNABLES``). The allocator never changes
+    a computed bit, but it changes the CPU speed a lot (docs/RESULTS.md §3: jemalloc that keeps
+    its pages makes the Conformer's step about 1.4× faster), so the manifest says which ran."""
+    libc = platform.libc_ver()
+    preload = [os.path.basename(entry) for entry in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    return {"libc": " ".join(x for x in libc if x) or None, "ld_preload": preload, "settings": settings}
 
 
 def _gpu_packages() -> dict[str, str]:

@@ -329,3 +329,18 @@ def test_verify_reruns_with_the_recorded_cpu_kernels():
     assert _rerun_placement(manifest([]))[-2:] == ["--cpu-kernels", "default"]
     old = {"environment": {"determinism": {"cpu_threads": 2}}, "mesh": {"devices": 1}}  # recorded before the option
     assert _rerun_placement(old) == ["--cpu-threads", "2", "--cpu-kernels", "default"]
+
+
+def test_the_fingerprint_names_the_host_allocator(monkeypatch):
+    """A preloaded allocator and its settings change the speed, never the bits: the manifest
+    says which ran (file names only, no folders)."""
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libjemalloc.so.2:/x/libother.so")
+    monkeypatch.setenv("MALLOC_CONF", "dirty_decay_ms:-1,retain:true")
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1048576")
+    monkeypatch.setenv("MALLOCATOR", "not an allocator setting")
+    info = determinism.host_allocator_info()
+    assert info["ld_preload"] == ["libjemalloc.so.2", "libother.so"]
+    assert info["settings"] == {"MALLOC_CONF": "dirty_decay_ms:-1,retain:true", "MALLOC_TOP_PAD_": "1048576"}
+    assert info["libc"] is None or info["libc"].startswith("glibc")
+    monkeypatch.delenv("LD_PRELOAD")
+    assert determinism.host_allocator_info()["ld_preload"] == []

@@ -70,7 +70,8 @@ def cmd_run(args) -> int:
         print(json.dumps({**{k: finished[k] for k in ("final_sha256", "final_md5", "init_sha256", "run_dir")},
                           "already_complete": True}))
         return 0
-    environment = configure_process(args.cpu_threads, args.devices, arch=config.arch, cpu_kernels=args.cpu_kernels)
+    environment = configure_process(args.cpu_threads, args.devices, arch=config.arch, cpu_kernels=args.cpu_kernels,
+                                    allocator=args.allocator)
     from detjax import tasks
     from detjax.train import make_mesh, train_and_evaluate
 
@@ -372,7 +373,8 @@ def cmd_verify(args) -> int:
 def cmd_env(args) -> int:
     from detjax.cli import configure_process
 
-    print(json.dumps(configure_process(args.cpu_threads, args.devices, arch=args.arch, cpu_kernels=args.cpu_kernels),
+    print(json.dumps(configure_process(args.cpu_threads, args.devices, arch=args.arch, cpu_kernels=args.cpu_kernels,
+                                       allocator=args.allocator),
                      indent=2, sort_keys=True))
     return 0
 

@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         error_exit(str(exc))
     arch = members[0][0].arch if not args.report_only else None  # every arm trains the same model
-    environment = configure_process(args.cpu_threads, None, arch=arch, cpu_kernels=args.cpu_kernels)
+    try:
+        environment = configure_process(args.cpu_threads, None, arch=arch, cpu_kernels=args.cpu_kernels,
+                                        allocator=args.allocator)
+    except ValueError as exc:  # --allocator jemalloc without the library
+        error_exit(str(exc))
     from detjax import study
 
     try:

@@ -171,3 +171,27 @@ def test_refusals_in_a_fresh_process_are_one_line_and_fast(argv):
     assert "Traceback" not in proc.stderr
     assert sum("error:" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
     assert elapsed < 30, f"took {elapsed:.1f} s to refuse: validation must come before data loading"
+
+
+def test_allocator_jemalloc_restarts_the_command_with_the_library_preloaded(tmp_path):
+    """``--allocator jemalloc`` re-executes the command with ``LD_PRELOAD`` (here libm stands in
+    for jemalloc, so the test needs no jemalloc) and the fingerprint records it; a library
+    that is not there is a clear error, not a silent run without it."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    def env_cmd(library):
+        return subprocess.run([sys.executable, "-m", "detjax", "env", "--allocator", "jemalloc", "--cpu-threads", "1"],
+                              capture_output=True, text=True, timeout=300,
+                              env={**cli_env(), "DETJAX_JEMALLOC": library})
+
+    ran = env_cmd("libm.so.6")
+    assert ran.returncode == 0, ran.stderr
+    allocator = json.loads(ran.stdout)["host_allocator"]
+    assert allocator["ld_preload"][0] == "libm.so.6"
+    assert allocator["settings"]["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"
+    missing = env_cmd(str(tmp_path / "libjemalloc.so.2"))
+    assert missing.returncode != 0 and "is not a file" in missing.stderr

@@ -103,7 +103,6 @@ def _train_steps(args) -> dict:
     import math
 
     import jax
-    import jax.numpy as jnp
 
     from detjax import hashing, ordering
     from detjax.models import get_model
@@ -131,7 +130,7 @@ def _train_steps(args) -> dict:
     t0 = time.perf_counter()
     metrics = None
     for idx in ordering.batches(order, args.batch_size):
-        state, metrics = step(state, gather_batch(jnp.asarray(idx), xd, yd))
+        state, metrics = step(state, gather_batch(idx, xd, yd))
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     digests = hashing.tree_digests(jax.device_get(state))

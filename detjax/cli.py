@@ -251,6 +251,8 @@ def use_jemalloc() -> None:
     """
     import ctypes.util
 
+    from detjax.determinism import host_allocator_info  # no JAX import: safe before configure
+
     preloaded = os.environ.get("LD_PRELOAD", "")
     library = os.environ.get(ENV_JEMALLOC) or ctypes.util.find_library("jemalloc")
     if not library:
@@ -259,7 +261,7 @@ def use_jemalloc() -> None:
     if os.sep in library and not os.path.isfile(library):
         raise UsageError(f"--allocator jemalloc: {ENV_JEMALLOC}={library} is not a file")
     name = os.path.basename(library)
-    if name in {os.path.basename(e) for e in preloaded.replace(":", " ").split()}:
+    if name in host_allocator_info()["ld_preload"]:
         # Restarted (or preloaded by the caller): check the dynamic linker really loaded it.
         try:
             mapped = name in Path("/proc/self/maps").read_text()

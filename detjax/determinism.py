@@ -656,9 +656,9 @@ def environment_fingerprint() -> dict:
 def host_allocator_info() -> dict:
     """The C library and any allocator preloaded into this process (``LD_PRELOAD`` entries by
     file name; ``MALLOC_*`` variables such as jemalloc's ``MALLOC_CONF`` and glibc's, and
-    ``GLIBC_TUNABLES``). The allocator never changes
-    a computed bit, but it changes the CPU speed a lot (docs/RESULTS.md §3: jemalloc that keeps
-    its pages makes the Conformer's step about 1.4× faster), so the manifest says which ran."""
+    ``GLIBC_TUNABLES``). The allocator never changes a computed bit, but it changes the CPU
+    speed a lot (docs/RESULTS.md §3: jemalloc that keeps its pages makes the Conformer's step
+    about 1.45× faster), so the manifest says which ran."""
     libc = platform.libc_ver()
     preload = [os.path.basename(entry) for entry in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()]
     settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}

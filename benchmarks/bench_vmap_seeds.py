@@ -96,7 +96,7 @@ def main() -> int:
             step = multiseed.make_members_step(model, tx, config, weight, None, mode)
             idx_k = jnp.asarray(np.stack([idx] * k))
             seeds_dev = jnp.asarray(np.asarray(seeds, np.uint32))
-            states = multiseed.init_member_states(model, tx, x[:1], seeds, mode)
+            states = multiseed.init_member_states(model, tx, x[:1], seeds)
             mode_s, states = timed(lambda st: step(st, idx_k, seeds_dev, train_x, train_y)[0], states)
             same = [hashing.tree_sha256(multiseed.member_slice(_state_dict(states), j)) == base_digests[j]
                     for j in range(k)]

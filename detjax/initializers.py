@@ -25,6 +25,7 @@ So the same call returns the same bytes on every platform.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -34,19 +35,21 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "BASES", "VARIANTS", "STAGES", "INITS", "MIXED_INITS", "MIXED_SCHEDULE", "FIXUP_SCALE",
+    "BASES", "VARIANTS", "STAGES", "INITS", "KEYED_INITS", "MIXED_INITS", "MIXED_SCHEDULE", "FIXUP_SCALE",
     "released_mixed_basis",
     "dct", "hadamard", "hartley", "sinusoidal", "basis", "clear_basis_cache",
     "dense_kernel", "dense_kernel_per_row", "conv1d_kernel", "qkv_kernel", "conv2d_kernel",
     "fan_in_of", "structured", "kernel_init", "bias_init", "kaiming_uniform", "he_normal",
     "Structured", "KaimingUniform", "HeNormal", "UniformBias", "Zeros", "EtfHead",
     "simplex_etf", "etf_head_init", "describe", "format_assignment", "init_description",
-    "Assignment",
+    "Assignment", "init_variables",
 ]
 
 BASES = ("dct", "hadamard", "hartley", "sinusoidal")
@@ -55,7 +58,8 @@ STAGES = ("stem", "stage0", "stage1", "stage2", "stage3", "transformer", "head")
 # "mixed": the per-stage schedule the paper describes (MIXED_SCHEDULE, by explicit stage).
 # "mixed_as_released": what the released code computes (released_mixed_basis, by module name).
 MIXED_INITS = ("mixed", "mixed_as_released")
-INITS = MIXED_INITS + BASES + ("kaiming", "he_normal")
+KEYED_INITS = ("kaiming", "he_normal")  # the inits that draw from the seed's key
+INITS = MIXED_INITS + BASES + KEYED_INITS
 # Read-only view: the schedule is part of the method, callers must not be able to edit it.
 MIXED_SCHEDULE: Mapping[str, str] = types.MappingProxyType({
     "stem": "dct", "stage0": "dct", "stage1": "hadamard", "stage2": "hartley",
@@ -532,6 +536,96 @@ def _require_key(key: Any, who: str, shape: Any) -> None:
         raise ValueError(f"{who}: a PRNG key is required (got None) for shape {shape!r}")
 
 
+# ----------------------------------------------------------------------------- keyed draws
+# Each keyed draw (Kaiming, He-normal, PyTorch's bias) runs as one small jitted program per
+# (initialiser, shape, dtype): the same fused kernels inside a model's jitted init and on its
+# own, so the bits do not depend on where it runs, and :func:`init_variables` can move the
+# draws out of the model's init program (whose compile time grows with every inlined draw).
+_PENDING_DRAWS: contextvars.ContextVar[list | None] = contextvars.ContextVar("detjax_pending_draws",
+                                                                              default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _draw_program(init: Any, dims: tuple[int, ...], dtype: np.dtype) -> Callable[[jax.Array], jax.Array]:
+    return jax.jit(lambda key: init.sample(key, dims, dtype))
+
+
+class PendingDraw(flax.struct.PyTreeNode, nn.meta.AxisMetadata):
+    """A keyed parameter inside :func:`init_variables`: zeros stand in while the model's init
+    is traced; entry ``index`` of the recorded draws replaces it afterwards."""
+
+    placeholder: jax.Array
+    index: int = flax.struct.field(pytree_node=False)
+
+    def unbox(self) -> jax.Array:
+        return self.placeholder
+
+    def replace_boxed(self, val: jax.Array) -> "PendingDraw":
+        return self.replace(placeholder=val)
+
+    def add_axis(self, index: int, params: dict[Any, Any]) -> "PendingDraw":
+        return self
+
+    def remove_axis(self, index: int, params: dict[Any, Any]) -> "PendingDraw":
+        return self
+
+
+def _keyed_draw(init: Any, key: Any, dims: tuple[int, ...], dtype: np.dtype) -> Any:
+    """``init.sample(key, dims, dtype)`` as its own jitted program; inside :func:`init_variables`
+    (concrete key) the draw is recorded and a :class:`PendingDraw` returned instead."""
+    pending = _PENDING_DRAWS.get()
+    if pending is None or isinstance(key, jax.core.Tracer):
+        return _draw_program(init, dims, dtype)(key)
+    pending.append((init, key, dims, dtype))
+    return PendingDraw(jnp.zeros(dims, dtype), len(pending) - 1)
+
+
+def _module_init(model: Any) -> Callable:
+    # A model with a field named ``init`` shadows the ``Module.init`` method.
+    return model.init if callable(getattr(model, "init", None)) else functools.partial(nn.Module.init, model)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: Any, static_kwargs: tuple) -> Callable:
+    # Cached by the model's value: every seed (and every call) runs the same compiled program.
+    return jax.jit(lambda rngs, *args: _module_init(model)(rngs, *args, **dict(static_kwargs)))
+
+
+def init_variables(model: Any, rngs: Any, *args: Any, defer_keyed_draws: bool = False, **kwargs: Any) -> Any:
+    """``jax.jit(model.init)(rngs, *args, **kwargs)``; with ``defer_keyed_draws``, the same bits
+    without compiling one random draw per parameter tensor into the init program.
+
+    Plain: ``rngs`` are arguments of the jitted init, which is cached by the model's value and
+    ``kwargs`` (lists become tuples), so every seed runs one compiled program.
+    Deferred: the init is traced under :func:`jax.ensure_compile_time_eval`, so Flax derives
+    every parameter's key from the concrete ``rngs`` on the host (one ``fold_in`` each); a
+    keyed initialiser records ``(key, shape)`` and returns a :class:`PendingDraw`; what is left
+    to compile is the deterministic part (structured kernels, zeros, BatchNorm statistics; the
+    forward pass is dead code). The recorded draws then run one small jitted program per
+    distinct (initialiser, shape, dtype), the very programs a jitted ``model.init`` inlines, so
+    the values are the same bits, and later seeds reuse them. It pays when many tensors share
+    a shape (the Conformer: 262 draws, 33 programs); with structured initialisers there is
+    nothing to defer and the host-side trace only costs time. ``rngs`` must be concrete then.
+    """
+    if not defer_keyed_draws:
+        static = tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in sorted(kwargs.items()))
+        return _jitted_init(model, static)(rngs, *args)
+    init_fn = _module_init(model)
+    pending: list = []
+    token = _PENDING_DRAWS.set(pending)
+    try:
+        def traced_init(*traced):
+            with jax.ensure_compile_time_eval():
+                return init_fn(rngs, *traced, **kwargs)
+
+        variables = jax.jit(traced_init)(*args)
+    finally:
+        _PENDING_DRAWS.reset(token)
+    drawn = [_draw_program(init, dims, dtype)(key) for init, key, dims, dtype in pending]
+    return jax.tree_util.tree_map(lambda leaf: drawn[leaf.index] if isinstance(leaf, PendingDraw) else leaf,
+                                  variables, is_leaf=lambda leaf: isinstance(leaf, PendingDraw))
+
+
 @dataclasses.dataclass(frozen=True)
 class KaimingUniform:
     """PyTorch's default weight init, ``kaiming_uniform_(a)``: ``U(±bound)`` with
@@ -554,8 +648,11 @@ class KaimingUniform:
         dims = _check_shape(shape, "kaiming_uniform", (2, 3, 4))
         dt = _check_dtype(dtype, dims, "kaiming_uniform")
         _require_key(key, "kaiming_uniform", dims)
+        return _keyed_draw(self, key, dims, dt)
+
+    def sample(self, key: jax.Array, dims: tuple[int, ...], dtype: np.dtype) -> jax.Array:
         b = self.bound(dims)
-        return jax.random.uniform(key, dims, dt, minval=-b, maxval=b)
+        return jax.random.uniform(key, dims, dtype, minval=-b, maxval=b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,8 +670,11 @@ class HeNormal:
         dims = _check_shape(shape, "he_normal", (2, 3, 4))
         dt = _check_dtype(dtype, dims, "he_normal")
         _require_key(key, "he_normal", dims)
+        return _keyed_draw(self, key, dims, dt)
+
+    def sample(self, key: jax.Array, dims: tuple[int, ...], dtype: np.dtype) -> jax.Array:
         std = math.sqrt(2.0 / fan_in_of(dims))
-        return jax.random.normal(key, dims, dt) * jnp.asarray(std, dt)
+        return jax.random.normal(key, dims, dtype) * jnp.asarray(std, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,8 +691,11 @@ class UniformBias:
         dims = _check_dims(tuple(shape), "shape", "bias_init('kaiming')")
         dt = _check_dtype(dtype, dims, "bias_init('kaiming')")
         _require_key(key, "bias_init('kaiming')", dims)
+        return _keyed_draw(self, key, dims, dt)
+
+    def sample(self, key: jax.Array, dims: tuple[int, ...], dtype: np.dtype) -> jax.Array:
         b = 1.0 / math.sqrt(self.fan_in)
-        return jax.random.uniform(key, dims, dt, minval=-b, maxval=b)
+        return jax.random.uniform(key, dims, dtype, minval=-b, maxval=b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -764,8 +867,6 @@ def describe(model: Any, *args: Any, **kwargs: Any) -> list[Assignment]:
     ``kernel_init`` attribute and a ``"kernel"`` parameter, records its path, kernel shape and
     :func:`init_description` of its ``kernel_init``, in call order (shared modules once).
     """
-    import flax.linen as nn
-
     rows: list[Assignment] = []
     seen: set[tuple[str, ...]] = set()
 
@@ -783,12 +884,8 @@ def describe(model: Any, *args: Any, **kwargs: Any) -> list[Assignment]:
             rows.append(Assignment("/".join(path) or "/", shape, init_description(init)))
         return out
 
-    # A model with a field named ``init`` (e.g. ``ECGConformer(init="mixed")``) shadows the
-    # ``Module.init`` method, so fall back to the unbound method.
-    init_fn = model.init if callable(getattr(model, "init", None)) else functools.partial(
-        nn.Module.init, model)
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(init_fn, jax.random.key(0), *args, **kwargs)
+        jax.eval_shape(_module_init(model), jax.random.key(0), *args, **kwargs)
     return rows
 
 

@@ -89,29 +89,12 @@ def _map_members(fn: Callable, mode: str, in_axes: tuple) -> Callable:
     return mapped
 
 
-def init_member_states(model, tx, sample_x: np.ndarray, seeds: Sequence[int], mode: str = "vmap") -> TrainState:
-    """Stacked initial states, ``member_slice(states, j) == create_train_state(..., seeds[j])``.
-
-    Every member's state is derived from its seed exactly as
-    :func:`detjax.train.create_train_state` derives it: ``key(seed)`` split into the params,
-    dropout and state keys. ``tests/test_multiseed.py`` checks the byte equality.
-    """
-    x = jnp.asarray(sample_x)
-
-    def init_one(seed):
-        key = jax.random.key(seed)
-        params_key, dropout_key, state_key = jax.random.split(key, 3)
-        variables = model.init({"params": params_key, "dropout": dropout_key}, x, train=False,
-                               mutable=["params", "batch_stats"])
-        variables = flax.core.unfreeze(variables)
-        params = variables.pop("params")
-        batch_stats = variables.pop("batch_stats", {})
-        return TrainState(params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-                          step=jnp.int32(0), epoch=jnp.int32(0), position=jnp.int32(0),
-                          rng=jax.random.key_data(state_key))
-
-    seeds_arr = jnp.asarray(np.asarray(seeds, dtype=np.uint32))
-    return jax.jit(_map_members(init_one, mode, (0,)))(seeds_arr)
+def init_member_states(model, tx, sample_x: np.ndarray, seeds: Sequence[int]) -> TrainState:
+    """Stacked initial states: member ``j`` is :func:`detjax.train.create_train_state` at
+    ``seeds[j]``, computed by it, so ``member_slice(states, j)`` equals the solo state byte for
+    byte (the init program, or the keyed draws, compile once for all members)."""
+    states = [train_lib.create_train_state(model, tx, sample_x, int(seed)) for seed in seeds]
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 def make_members_step(model, tx, config: TrainConfig, pos_weight: np.ndarray | None = None,
@@ -230,7 +213,7 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
     batches_per_epoch = math.ceil(data.train_x.shape[0] / config.batch_size)
     tx = train_lib.make_optimizer(config, batches_per_epoch)
     weight = train_lib.pos_weights(data.train_y) if config.loss == "weighted_bce" else None
-    init_states = init_member_states(model, tx, data.train_x[:1], seeds, mode)
+    init_states = init_member_states(model, tx, data.train_x[:1], seeds)
     manifests = _member_manifests(configs, data, environment, init_states, model)
     checkpointer = Checkpointer(workdir / "checkpoints", config_hash=_group_hash(config, seeds, mode))
     # Host copies: the states' device buffers are donated to the first step.

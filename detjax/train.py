@@ -289,11 +289,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sampl
     params_key, dropout_key, state_key = jax.random.split(key, 3)
     # Only params and batch_stats are made mutable: sown losses/intermediates are then
     # no-ops and XLA can drop most of the forward pass (compiles in a fraction of the time).
-    # The keys are arguments, not constants, so every seed runs the same compiled program
-    # (a persistent compilation cache then serves all members of a seed study).
-    variables = jax.jit(lambda pk, dk, x: model.init({"params": pk, "dropout": dk}, x, train=False,
-                                                     mutable=["params", "batch_stats"]))(
-        params_key, dropout_key, jnp.asarray(sample_x))
+    # The init program is the same for every seed (the keys are its arguments, or, for keyed
+    # inits, the draws run apart), so a compilation cache serves all members of a seed study.
+    defer = getattr(model, "init_mode", None) in di.KEYED_INITS and getattr(model, "draw_keyed_apart", False)
+    variables = di.init_variables(model, {"params": params_key, "dropout": dropout_key}, jnp.asarray(sample_x),
+                                  defer_keyed_draws=defer, train=False, mutable=["params", "batch_stats"])
     variables = flax.core.unfreeze(variables)
     params = variables.pop("params")
     batch_stats = variables.pop("batch_stats", {})

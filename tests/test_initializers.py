@@ -520,3 +520,55 @@ def test_bad_dtypes(dtype):
         with pytest.raises(ValueError, match=pattern) as exc:
             init(jax.random.key(0), shape, dtype)
         assert str(shape) in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- keyed draws apart
+@pytest.mark.parametrize("init", ["kaiming", "he_normal"])
+def test_keyed_draw_is_the_same_bits_eager_and_inside_jit(init):
+    kernel = di.kernel_init(init, "stage0")
+    bias = di.bias_init("kaiming", 60)
+    key = jax.random.key(11)
+    assert sha256(kernel(key, (5, 12, 64))) == sha256(jax.jit(lambda k: kernel(k, (5, 12, 64)))(key))
+    assert sha256(bias(key, (64,))) == sha256(jax.jit(lambda k: bias(k, (64,)))(key))
+
+
+class _TwoStageModel(nn.Module):
+    """Keyed kernels and biases in repeated shapes (what makes the deferral pay), plus a
+    LayerNorm and a structured head, so both kinds of parameter pass through init_variables."""
+
+    init_mode: str = "kaiming"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for i in range(4):
+            x = x + nn.gelu(nn.Dense(8, kernel_init=di.kernel_init(self.init_mode, "stage0"),
+                                     bias_init=di.bias_init(self.init_mode, 8), name=f"block{i}")(x))
+        x = nn.LayerNorm()(x)
+        return nn.Dense(3, kernel_init=di.kernel_init("dct", "head"), name="head")(x)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "he_normal"])
+def test_init_variables_with_keyed_draws_apart_is_bit_identical(init):
+    model = _TwoStageModel(init)
+    x = jnp.ones((2, 8), jnp.float32)
+    for seed in (0, 1):
+        rngs = {"params": jax.random.key(seed)}
+        plain = di.init_variables(model, rngs, x, train=False)
+        apart = di.init_variables(model, rngs, x, defer_keyed_draws=True, train=False)
+        assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(apart)
+        for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(apart)):
+            assert a.dtype == b.dtype and sha256(a) == sha256(b)
+        # the placeholders were all replaced: the keyed kernels are not zero
+        assert np.abs(np.asarray(apart["params"]["block3"]["kernel"])).min() > 0
+    assert sha256(apart["params"]["block0"]["kernel"]) != sha256(apart["params"]["block1"]["kernel"])
+    assert not di._PENDING_DRAWS.get()  # the recording context is closed again
+
+
+def test_init_variables_apart_under_a_trace_falls_back_to_inline_draws():
+    model = _TwoStageModel("kaiming")
+    x = jnp.ones((2, 8), jnp.float32)
+    # traced keys cannot be drawn on the host: the keyed initialisers draw inline instead
+    inline = jax.jit(lambda k: di.init_variables(model, {"params": k}, x, defer_keyed_draws=True, train=False))
+    plain = di.init_variables(model, {"params": jax.random.key(4)}, x, train=False)
+    got = inline(jax.random.key(4))
+    assert all(sha256(a) == sha256(b) for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(got)))

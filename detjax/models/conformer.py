@@ -67,6 +67,7 @@ Intermediates sown under ``"intermediates"``: ``stem_conv`` (after the first con
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -225,6 +226,11 @@ class ECGConformer(nn.Module):
     the Conformer has no dropout or batch statistics (every sample is computed on its own),
     so they change nothing.
     """
+
+    # 262 keyed tensors in 33 shapes: with a keyed init, drawing them apart from the init
+    # program (di.init_variables) compiles about 3x faster; for models with few tensors per
+    # shape it does not pay (docs/RESULTS.md, benchmarks/bench_model_init.py).
+    draw_keyed_apart: ClassVar[bool] = True
 
     num_classes: int = 12
     in_leads: int = 12

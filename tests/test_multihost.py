@@ -2,9 +2,10 @@
 collectives over gloo), 2 host devices each, one 4-device data-parallel mesh spanning both.
 
 Each scenario starts two fresh interpreters (ranks 0 and 1) that share one run directory, as
-hosts share a file system. Checked: the two processes agree, two such runs are bit-identical,
-the manifest records processes and devices, a kill-free resume at the same topology continues
-bit for bit, and a resume on another topology (1 process x 4 devices) is refused.
+hosts share a file system. Checked: the two processes agree, the manifest records processes
+and devices, a run stopped after one epoch and resumed at the same topology (two more fresh
+pairs) ends with the uninterrupted run's bits, which is also the run-to-run check, and a resume
+on another topology (1 process x 4 devices) is refused.
 """
 
 import json
@@ -81,31 +82,29 @@ def _launch(tmp_path, workdir, *, processes=2, local_devices=2, stop=None) -> li
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("multihost")
-    return base, [(base / name, _launch(base, base / name)) for name in ("a", "b")]
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("multihost") / "a"
+    return workdir, _launch(workdir.parent, workdir)
 
 
-def test_two_processes_two_devices_each_are_bit_identical_run_to_run(two_runs):
-    _, runs = two_runs
-    finals = [o["result"]["final_sha256"] for _, outs in runs for o in outs]
-    assert len(finals) == 4 and len(set(finals)) == 1  # both ranks, both runs
-    for _, outs in runs:
-        assert [(o["processes"], o["devices"], o["local_devices"]) for o in outs] == [(2, 4, 2), (2, 4, 2)]
+def test_two_processes_two_devices_each_agree(uninterrupted):
+    _, outs = uninterrupted
+    finals = [o["result"]["final_sha256"] for o in outs]
+    assert len(finals) == 2 and len(set(finals)) == 1  # both ranks
+    assert [(o["processes"], o["devices"], o["local_devices"]) for o in outs] == [(2, 4, 2), (2, 4, 2)]
 
 
-def test_manifest_records_processes_and_devices(two_runs):
-    _, runs = two_runs
-    manifest = json.loads((runs[0][0] / "manifest.json").read_text())
+def test_manifest_records_processes_and_devices(uninterrupted):
+    workdir, _ = uninterrupted
+    manifest = json.loads((workdir / "manifest.json").read_text())
     assert manifest["topology"] == {"processes": 2, "devices": 4, "devices_per_process": 2}
     assert manifest["mesh"]["devices"] == 4 and len(manifest["mesh"]["device_ids"]) == 4
     backend = manifest["environment"]["backend"]
     assert backend["process_count"] == 2 and backend["device_count"] == 4 and backend["local_device_count"] == 2
 
 
-def test_resume_at_the_same_topology_continues_and_another_topology_is_refused(two_runs, tmp_path):
-    _, runs = two_runs
-    reference = runs[0][1][0]["result"]["final_sha256"]
+def test_resume_at_the_same_topology_continues_and_another_topology_is_refused(uninterrupted, tmp_path):
+    reference = uninterrupted[1][0]["result"]["final_sha256"]
     work = tmp_path / "r"
     stopped = _launch(tmp_path, work, stop=0)
     assert all(o["result"]["stopped_after_epoch"] == 0 for o in stopped)
@@ -116,4 +115,5 @@ def test_resume_at_the_same_topology_continues_and_another_topology_is_refused(t
     assert "2 process(es) x 2 device(s)" in refused["refused"] and "1 x 4" in refused["refused"]
     assert (work / "manifest.json").read_bytes() == before  # a refusal changes nothing
     resumed = _launch(tmp_path, work)
+    # other fresh processes, stopped and resumed: the uninterrupted run's bits (run to run too)
     assert [o["result"]["final_sha256"] for o in resumed] == [reference, reference]

@@ -46,6 +46,14 @@ t4 = time.perf_counter()
 print(f"first step: trace {t1 - t0:.1f} lower {t2 - t1:.1f} compile {t3 - t2:.1f} first run {t4 - t3:.1f} s "
       f"(total {t4 - t0:.1f} s; {lowered.as_text().count(chr(10))} lines of StableHLO)", flush=True)
 open("/tmp/profile_step.pid", "w").write(str(os.getpid()))
+times = []
 for i in range(int(os.environ.get("STEPS", "8"))):
+    t = time.perf_counter()
     st, m = c(st, idx, xd, yd)
-jax.block_until_ready(st)
+    jax.block_until_ready(st)
+    times.append(time.perf_counter() - t)
+if times:
+    print(f"later steps: median {np.median(times):.2f} s ({128 / np.median(times):.1f} samples/s; "
+          f"second step {times[0]:.2f} s)", flush=True)
+from detjax import hashing  # noqa: E402
+print(f"state sha256 after {1 + int(os.environ.get('STEPS', '8'))} steps: {hashing.tree_sha256(st)}", flush=True)

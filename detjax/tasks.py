@@ -68,6 +68,22 @@ def _floor_hook(data_x, data_y, test_x, test_y, evaluate, *, kind: str, multilab
     return post_evaluate
 
 
+def _from_splits(arrays, *, labels, evaluate, info, floor: dict | None = None, content_order: bool = True,
+                 **extra) -> TaskData:
+    """:class:`TaskData` from ``arrays["x_train"], ["y_train"], ["x_val"], …``. ``floor``: the
+    classical floor's ``kind`` and ``multilabel`` (trained on the train split, scored on the
+    test split, :func:`_floor_hook`); ``content_order``: golden order keyed by the training
+    signals' content (:func:`detjax.ordering.golden_content_keys`), else by index."""
+    labels = tuple(labels)
+    if floor is not None:
+        extra["post_evaluate"] = _floor_hook(arrays["x_train"], arrays["y_train"], arrays["x_test"],
+                                             arrays["y_test"], evaluate, num_classes=len(labels), **floor)
+    return TaskData(
+        train_x=arrays["x_train"], train_y=arrays["y_train"], val_x=arrays["x_val"], val_y=arrays["y_val"],
+        test_x=arrays["x_test"], test_y=arrays["y_test"], labels=labels, evaluate=evaluate,
+        order_keys=ordering.golden_content_keys(arrays["x_train"]) if content_order else None, info=info, **extra)
+
+
 def _synthetic(config: TrainConfig) -> TaskData:
     opts = {"n_train": 256, "n_val": 64, "n_test": 64, "length": 1000, "leads": 12, "num_classes": 12,
             "seed": 0, **dict(config.data)}
@@ -95,16 +111,8 @@ def _ptbxl(config: TrainConfig) -> TaskData:
             if k in ("lead_names", "sampling_rate", "cv_fold", "n", "counts", "norm", "source", "limit")}
     if "fold_split" in opts:
         info["folds"] = prepared["folds"]
-    evaluate = _multilabel_evaluator(labels)
-    return TaskData(
-        train_x=prepared["x_train"], train_y=prepared["y_train"],
-        val_x=prepared["x_val"], val_y=prepared["y_val"],
-        test_x=prepared["x_test"], test_y=prepared["y_test"],
-        labels=labels, evaluate=evaluate,
-        order_keys=ordering.golden_content_keys(prepared["x_train"]),
-        info=info,
-        post_evaluate=_floor_hook(prepared["x_train"], prepared["y_train"], prepared["x_test"], prepared["y_test"],
-                                  evaluate, kind="ecg", multilabel=True, num_classes=len(labels)))
+    return _from_splits(prepared, labels=labels, evaluate=_multilabel_evaluator(labels), info=info,
+                        floor={"kind": "ecg", "multilabel": True})
 
 
 def _medmnist(config: TrainConfig) -> TaskData:
@@ -137,14 +145,9 @@ def _medmnist(config: TrainConfig) -> TaskData:
     def augment(x, index, epoch):
         return augment_lib.augment_batch(x, index, epoch, seed)
 
-    return TaskData(
-        train_x=arrays["x_train"], train_y=arrays["y_train"],
-        val_x=arrays["x_val"], val_y=arrays["y_val"],
-        test_x=arrays["x_test"], test_y=arrays["y_test"],
-        labels=class_names, evaluate=evaluate, order_keys=None, augment=augment,
-        seeded_augment=augment_lib.augment_batch,
-        post_evaluate=_floor_hook(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                                  evaluate, kind="image", multilabel=multilabel, num_classes=len(class_names)),
+    return _from_splits(
+        arrays, labels=class_names, evaluate=evaluate, content_order=False, augment=augment,
+        seeded_augment=augment_lib.augment_batch, floor={"kind": "image", "multilabel": multilabel},
         info={"source": "medmnist", "flag": ds.flag, "size": ds.size, "task": task, "path": str(ds.path),
               "data_source": dict(ds.data_source), "md5": ds.md5, "content_sha256": ds.sha256,
               "n": {k[2:]: int(v.shape[0]) for k, v in arrays.items() if k.startswith("x_")},
@@ -164,16 +167,8 @@ def _cinc2017(config: TrainConfig) -> TaskData:
     prepared = cinc2017.load_cinc2017(opts.pop("data_dir", None), **opts)
     info = {k: prepared[k] for k in ("sampling_rate", "window_seconds", "window_length", "cv_fold", "folds", "n",
                                      "counts", "padded", "norm", "source", "limit")}
-    return TaskData(
-        train_x=prepared["x_train"], train_y=prepared["y_train"],
-        val_x=prepared["x_val"], val_y=prepared["y_val"],
-        test_x=prepared["x_test"], test_y=prepared["y_test"],
-        labels=tuple(prepared["labels"]), evaluate=cinc2017.evaluate,
-        order_keys=ordering.golden_content_keys(prepared["x_train"]),
-        info=info,
-        post_evaluate=_floor_hook(prepared["x_train"], prepared["y_train"], prepared["x_test"], prepared["y_test"],
-                                  cinc2017.evaluate, kind="ecg", multilabel=False,
-                                  num_classes=len(prepared["labels"])))
+    return _from_splits(prepared, labels=prepared["labels"], evaluate=cinc2017.evaluate, info=info,
+                        floor={"kind": "ecg", "multilabel": False})
 
 
 def _af_transfer(config: TrainConfig) -> TaskData:
@@ -211,10 +206,7 @@ def _af_transfer(config: TrainConfig) -> TaskData:
                 p["target_all_y"], scores["all"][:, 0], base["transfer"]["threshold"])
         return {"transfer": report, "floor": base}
 
-    return TaskData(
-        train_x=p["x_train"], train_y=p["y_train"], val_x=p["x_val"], val_y=p["y_val"],
-        test_x=p["x_test"], test_y=p["y_test"], labels=("AF",), evaluate=transfer.af_evaluate,
-        order_keys=ordering.golden_content_keys(p["x_train"]), info=info, post_evaluate=post_evaluate)
+    return _from_splits(p, labels=("AF",), evaluate=transfer.af_evaluate, info=info, post_evaluate=post_evaluate)
 
 
 TASKS: dict[str, Callable[[TrainConfig], TaskData]] = {

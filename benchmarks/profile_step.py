@@ -14,6 +14,10 @@ no compilation cache), the profile behind the first-step row of docs/RESULTS.md 
 
     STEPS=0 python benchmarks/profile_step.py conformer
 
+``DONATE=0`` jits the same step without donating the state (the donation lever). After the
+timed steps (each waited for) the same number run back to back with one wait at the end: the
+difference is the host time a prefetching loop could hide.
+
 With ``JAX_COMPILATION_CACHE_DIR`` set, JAX's persistent compilation cache is used: the second
 such run times a warm first step (the compile becomes a cache read).
 """
@@ -39,7 +43,12 @@ cfg = TrainConfig(task="ptbxl" if loss != "ce" else "medmnist", arch=arch, init=
 model = get_model(arch, num_classes=classes, init_mode=init, **({"in_channels": 1} if arch == "resnet18" else {}))
 tx = make_optimizer(cfg, 2)
 st = create_train_state(model, tx, x[:1], 0)
-step = make_gather_step(model, tx, cfg, pos_weights(y) if loss != "ce" else None)
+if os.environ.get("DONATE", "1") == "0":  # the same step without donating the state's buffers
+    from detjax.train import gather_batch, make_step_fn
+    step_fn = make_step_fn(model, tx, cfg, pos_weights(y) if loss != "ce" else None)
+    step = jax.jit(lambda state, i, bx, by: step_fn(state, gather_batch(i, bx, by)))
+else:
+    step = make_gather_step(model, tx, cfg, pos_weights(y) if loss != "ce" else None)
 xd, yd = jax.device_put(x), jax.device_put(y)
 idx = jnp.arange(128, dtype=jnp.int32)
 t0 = time.perf_counter(); traced = step.trace(st, idx, xd, yd)
@@ -59,5 +68,12 @@ for i in range(int(os.environ.get("STEPS", "8"))):
 if times:
     print(f"later steps: median {np.median(times):.2f} s ({128 / np.median(times):.1f} samples/s; "
           f"second step {times[0]:.2f} s)", flush=True)
+if times:  # the same number of steps dispatched back to back, one wait at the end
+    t = time.perf_counter()
+    for i in range(len(times)):
+        st, m = c(st, idx, xd, yd)
+    jax.block_until_ready(st)
+    print(f"later steps without a wait between them: {(time.perf_counter() - t) / len(times):.2f} s per step",
+          flush=True)
 from detjax import hashing  # noqa: E402
-print(f"state sha256 after {1 + int(os.environ.get('STEPS', '8'))} steps: {hashing.tree_sha256(st)}", flush=True)
+print(f"state sha256 after {int(st.step)} steps: {hashing.tree_sha256(st)}", flush=True)

@@ -44,7 +44,7 @@ if [ "$DRY" = 1 ]; then
   export JAX_PLATFORMS=cpu
   REQUIRE=any
   # tiny settings: the same steps, a few seconds each on a CPU
-  CHECK_ARCHS="tiny"; CHECK_ARGS="--steps 2 --batch-size 8 --length 128 --cpu-threads 1 --canary-size 65536 --canary-repeats 3 --runs 3 --control-runs 1"
+  CHECK_ARCHS="tiny"; CHECK_ARGS="--steps 2 --batch-size 8 --length 128 --cpu-threads 1 --canary-size 65536 --canary-repeats 3 --runs 2 --control-runs 1"
   CANARY_ARGS="--repeats 3 --size 65536"
   PTB_ARGS="--arch baseline --epochs 2 --limit 16 --batch-size 16 --eval-every 1 --cpu-threads 1 --no-progress"
   KILL_AT=1   # kill -9 once this checkpoint (epochs done) exists, then resume

@@ -68,7 +68,7 @@ for i in range(int(os.environ.get("STEPS", "8"))):
 if times:
     print(f"later steps: median {np.median(times):.2f} s ({128 / np.median(times):.1f} samples/s; "
           f"second step {times[0]:.2f} s)", flush=True)
-if times:  # the same number of steps dispatched back to back, one wait at the end
+    # the same number of steps dispatched back to back, one wait at the end
     t = time.perf_counter()
     for i in range(len(times)):
         st, m = c(st, idx, xd, yd)

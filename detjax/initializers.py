@@ -49,7 +49,7 @@ __all__ = [
     "fan_in_of", "structured", "kernel_init", "bias_init", "kaiming_uniform", "he_normal",
     "Structured", "KaimingUniform", "HeNormal", "UniformBias", "Zeros", "EtfHead",
     "simplex_etf", "etf_head_init", "describe", "format_assignment", "init_description",
-    "Assignment", "init_variables",
+    "Assignment", "init_variables", "PendingDraw",
 ]
 
 BASES = ("dct", "hadamard", "hartley", "sinusoidal")

@@ -93,8 +93,8 @@ def init_member_states(model, tx, sample_x: np.ndarray, seeds: Sequence[int]) ->
     """Stacked initial states: member ``j`` is :func:`detjax.train.create_train_state` at
     ``seeds[j]``, computed by it, so ``member_slice(states, j)`` equals the solo state byte for
     byte (the init program, or the keyed draws, compile once for all members)."""
-    states = [train_lib.create_train_state(model, tx, sample_x, int(seed)) for seed in seeds]
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+    return jax.device_put(stack_members([train_lib.create_train_state(model, tx, sample_x, int(seed))
+                                         for seed in seeds]))
 
 
 def make_members_step(model, tx, config: TrainConfig, pos_weight: np.ndarray | None = None,

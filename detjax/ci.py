@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from detjax.manifest import write_json_atomic
+
 ARCHS = ("conformer", "baseline", "resnet18", "tiny")
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 NO_POWER = "control has no demonstrated power"
@@ -190,12 +192,13 @@ def _canary_summary(runs: list[dict]) -> dict:
 def _partial(args, arch: str, runs: list[dict], control: list[dict]) -> None:
     """After every worker: what is known so far (a killed check still leaves its evidence)."""
     if args.report:
-        _write(args.report, {"check": "detjax bitwise determinism", "partial": True, "passed": None, "arch": arch,
-                             "platform": runs[0]["platform"] if runs else None,
-                             "hashes": {arch: {"deterministic": [r["sha256"] for r in runs],
-                                               "control": [r["sha256"] for r in control]}},
-                             "canary": {arch: {"deterministic": _canary_summary(runs),
-                                               "control": _canary_summary(control)}}})
+        write_json_atomic(args.report, {
+            "check": "detjax bitwise determinism", "partial": True, "passed": None, "arch": arch,
+            "platform": runs[0]["platform"] if runs else None,
+            "hashes": {arch: {"deterministic": [r["sha256"] for r in runs],
+                              "control": [r["sha256"] for r in control]}},
+            "canary": {arch: {"deterministic": _canary_summary(runs),
+                              "control": _canary_summary(control)}}})
 
 
 def check_arch(args, arch: str) -> dict:
@@ -242,7 +245,7 @@ def gpu_check(args) -> int:
     except WrongPlatform as exc:
         print(f"FAIL: {exc}", file=sys.stderr)
         if args.report:
-            _write(args.report, {"check": "detjax bitwise determinism", "identical": None, "passed": False,
+            write_json_atomic(args.report, {"check": "detjax bitwise determinism", "identical": None, "passed": False,
                                  "error": str(exc), "required_platform": args.require_platform})
         return EXIT_WRONG_PLATFORM
     identical = all(r["identical"] for r in results)
@@ -283,7 +286,7 @@ def gpu_check(args) -> int:
         "fingerprint": results[0]["fingerprint"],
     }
     if args.report:
-        _write(args.report, report)
+        write_json_atomic(args.report, report)
     summary = {k: report[k] for k in ("passed", "identical", "platform", "compile_cache", "canary_identical",
                                       "control_verdict", "hashes")}
     print(json.dumps(summary, indent=2))
@@ -301,11 +304,6 @@ def gpu_check(args) -> int:
     return 0 if passed else 1
 
 
-def _write(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-
-
 def canary(args) -> int:
     """This process alone: configure (deterministic or XLA defaults), run the canary, report."""
     from detjax import determinism
@@ -316,7 +314,7 @@ def canary(args) -> int:
               "device_kinds": env["backend"]["device_kinds"], "compile_cache": env["compile_cache"]["state"],
               "xla_flags": env["xla_flags"], **result}
     if args.report:
-        _write(args.report, report)
+        write_json_atomic(args.report, report)
     print(json.dumps(report, indent=2))
     print(f"canary ({'deterministic flags' if report['deterministic'] else 'XLA defaults'}) on "
           f"{report['platform']}: {result['distinct']} distinct hash(es) in {args.repeats} executions")

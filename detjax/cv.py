@@ -193,22 +193,9 @@ def run_cv(config, k: int, out, *, headline: str = "macro_auc", extra_metrics: S
                         meta={"task": config.task, "base_config": config.to_dict(),
                               "grouping": f"block(f) = floor((f-1)*{k}/{N_FOLDS}); val = highest fold of the "
                                           "previous block"})
-    summary = _strict(summary)
+    summary = manifest_lib.strict_json(summary)
     manifest_lib.write_json_atomic(out / "cv.json", summary)
     return summary
-
-
-def _strict(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats as ``None`` and numpy scalars as Python numbers (strict JSON)."""
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 def cv_main(config, args, *, headline: str = "macro_auc", extra_metrics: Sequence[str] = ()) -> int:

@@ -45,7 +45,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -168,11 +167,11 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, results: dict[str, FlagProbe]) -> None:
+    from detjax.manifest import atomic_file
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump({k: v._asdict() for k, v in sorted(results.items())}, f, indent=1)
-        os.replace(f.name, path)  # atomic: concurrent writers never leave a torn file
+        with atomic_file(path, suffix=".tmp") as f:  # concurrent writers never leave a torn file
+            f.write(json.dumps({k: v._asdict() for k, v in sorted(results.items())}, indent=1).encode())
     except OSError:
         pass  # an unwritable cache only costs a re-probe next time
 

@@ -16,18 +16,23 @@ rewritten at all.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
-import secrets
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import numpy as np
 
 import detjax
 
-__all__ = ["canonical_json", "json_sha256", "write_json_atomic", "replace_record", "append_event",
-           "read_events", "read_manifest", "finished_result", "new_manifest", "EVENTS_FILE"]
+__all__ = ["canonical_json", "json_sha256", "atomic_file", "write_json_atomic", "strict_json", "replace_record",
+           "append_event", "read_events", "read_manifest", "finished_result", "new_manifest", "EVENTS_FILE"]
 
 MANIFEST_VERSION = 1
 EVENTS_FILE = "events.jsonl"
@@ -50,42 +55,56 @@ def _default(o: Any):
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str], *, suffix: str = ".part") -> Iterator[BinaryIO]:
+    """A binary file that replaces ``dest`` only when the ``with`` block ends without error.
 
-
-def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
-    """A new, exclusive temporary file next to ``name``, created with mode ``0o666 & ~umask``
-    (``tempfile.mkstemp`` would make it 0600, and ``os.replace`` keeps the temp file's mode)."""
-    for _ in range(100):
-        tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file for {name} in {directory}")
+    It is a temporary file in ``dest``'s folder (created if needed), with the usual
+    ``0666 & ~umask`` mode; after the block it is fsynced and moved over ``dest`` with
+    ``os.replace``, so ``dest`` holds the old content or the new, never a part. If the block
+    raises, the temporary file is removed and the exception propagates.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive os.replace
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` via a temporary file and ``os.replace``.
+    """Writes ``obj`` as indented JSON to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path, suffix=".tmp") as f:
+        f.write(_json_bytes(obj))
 
-    The file gets the process umask's permissions (``0o666 & ~umask``, typically 0644).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path.parent, path.name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_default)  # insertion order: per-class tables stay in label order
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+def _json_bytes(obj: Any) -> bytes:
+    """The bytes of a record file: indented JSON in insertion order (per-class tables stay in
+    label order), one final newline."""
+    return (json.dumps(obj, indent=2, default=_default) + "\n").encode()
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as ``None`` and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def _utc_now() -> str:
@@ -125,23 +144,23 @@ def read_events(run_dir: str | Path) -> list[dict[str, Any]]:
     return events
 
 
-def replace_record(path: str | Path, obj: Any, *, run_dir: str | Path | None = None) -> None:
+def replace_record(path: str | Path, obj: Any) -> None:
     """Writes the record file ``path`` atomically, keeping what it replaces.
 
     When ``path`` exists with other content, that content (parsed JSON, or the raw text if
-    it does not parse) and its SHA-256 are first appended to ``events.jsonl`` of ``run_dir``
-    (default: the file's folder) as a ``superseded`` event.
+    it does not parse) and its SHA-256 are first appended to ``events.jsonl`` of the file's
+    folder as a ``superseded`` event.
     """
     path = Path(path)
     if path.exists():
         old = path.read_bytes()
-        new = (json.dumps(obj, indent=2, default=_default) + "\n").encode()
+        new = _json_bytes(obj)
         if old != new:
             try:
                 content: Any = json.loads(old)
             except ValueError:
                 content = old.decode(errors="replace")
-            append_event(run_dir if run_dir is not None else path.parent, "superseded", file=path.name,
+            append_event(path.parent, "superseded", file=path.name,
                          sha256=hashlib.sha256(old).hexdigest(), content=content)
     write_json_atomic(path, obj)
 

@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from detjax.cv import _strict
+from detjax import manifest as manifest_lib
 from detjax.data.splits import normalise
+from detjax.plots import pyplot, save_figure
 
 __all__ = ["SHIFTS", "SCORES", "apply_shift", "spare_vertex", "ood_scores", "auroc", "load_run",
            "make_forward", "evaluate_run", "robustness_table", "robustness_markdown", "markdown", "plot",
@@ -306,7 +307,7 @@ def evaluate_run(run_dir: str | Path, *, shifts: Mapping[str, Sequence[float]] |
                     "n_clean": int(inputs["clean"].shape[0]), "n_in_distribution": int(data.test_x.shape[0]),
                     "auroc_noisy_vs_clean_cinc": {k: auroc(s_clean[k], s_noisy[k]) for k in s_noisy},
                     "auroc_noisy_vs_in_distribution": {k: auroc(clean_scores[k], s_noisy[k]) for k in s_noisy}}
-    return _strict({
+    return manifest_lib.strict_json({
         "run_dir": str(Path(run_dir).absolute()), "task": config.task, "arch": config.arch, "init": config.init,
         "config_hash": manifest["config_hash"], "best_params_sha256": manifest["metrics"]["best_params_sha256"],
         "n_test": int(data.test_x.shape[0]), "scores": [s for s in SCORES if s in clean_scores],
@@ -348,29 +349,10 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return None
-    return plt
-
-
-def _save(plt, fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot(result: Mapping[str, Any], path: str | Path) -> Path | None:
     """Two panels per shift: test score vs severity, AUROC of each score vs severity."""
-    plt = _pyplot()
-    if plt is None:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:
         return None
     shifts = list(dict.fromkeys(r["shift"] for r in result["shifts"]))
     fig, axes = plt.subplots(2, len(shifts), figsize=(3.2 * len(shifts), 6), squeeze=False)
@@ -396,7 +378,7 @@ def plot(result: Mapping[str, Any], path: str | Path) -> Path | None:
             ax.set_ylabel("OOD AUROC")
             ax.legend(fontsize=7)
     fig.suptitle(f"{result['task']} {result['arch']} init={result['init']}", fontsize=10)
-    return _save(plt, fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def robustness_table(per_arm: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
@@ -425,7 +407,7 @@ def robustness_table(per_arm: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict
                                            for s, vs in row["auroc"].items() if any(v is not None for v in vs)}})
         out[arm] = {"n": len(results), "clean_mean": float(np.mean(clean)),
                     "clean_sd": float(np.std(clean, ddof=1)) if len(clean) > 1 else None, "rows": summary}
-    return _strict(out)
+    return manifest_lib.strict_json(out)
 
 
 def study_robustness(study_dir: str | Path, *, shifts=None, log=print) -> dict[str, Any]:
@@ -469,8 +451,8 @@ def robustness_markdown(table: Mapping[str, Any]) -> str:
 
 def plot_robustness(table: Mapping[str, Any], path: str | Path) -> Path | None:
     """Per shift, the mean test score over members vs severity, one line per arm."""
-    plt = _pyplot()
-    if plt is None:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:
         return None
     arms = list(table)
     shifts = list(dict.fromkeys(r["shift"] for a in arms for r in table[a]["rows"]))
@@ -488,4 +470,4 @@ def plot_robustness(table: Mapping[str, Any], path: str | Path) -> Path | None:
         if j == 0:
             ax.set_ylabel("test score")
             ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save_figure(fig, path, dpi=110)

@@ -6,27 +6,33 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _pyplot():
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or ``None`` without the optional ``plots`` extra
+    (every figure function then returns ``None`` and writes nothing)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: float | None = None) -> Path:
     """Lays out, writes and closes ``fig``; returns the path."""
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 
-def plot_training_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+def plot_training_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path | None:
     """Training loss per epoch (left axis) and validation score where evaluated (right axis)."""
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        return None
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", label="train loss")
@@ -39,17 +45,17 @@ def plot_training_curve(history: Sequence[dict[str, Any]], path: str | Path, *, 
                  "o-", color="tab:red", label="validation score")
         ax2.set_ylabel("validation score (macro AUC)", color="tab:red")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _arm_colors(arms: Sequence[str]) -> dict[str, Any]:
-    plt = _pyplot()
+    plt = pyplot()
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     return {arm: cycle[i % len(cycle)] for i, arm in enumerate(arms)}
 
 
 def plot_per_class_spread(members: dict[str, Sequence[dict[str, Any]]], labels: Sequence[str],
-                          path: str | Path, *, title: str = "") -> Path:
+                          path: str | Path, *, title: str = "") -> Path | None:
     """Box plus strip plot of test AUC over seeds: per class (and the macro AUC), one box per arm.
 
     ``members[arm]`` are the seed records of :func:`detjax.study.collect` (``per_class_auc``
@@ -58,7 +64,9 @@ def plot_per_class_spread(members: dict[str, Sequence[dict[str, Any]]], labels: 
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        return None
     arms = list(members)
     groups = list(labels) + ["macro"]
     colors = _arm_colors(arms)
@@ -85,14 +93,16 @@ def plot_per_class_spread(members: dict[str, Sequence[dict[str, Any]]], labels: 
     ax.set_ylabel("test AUC")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_convergence(members: dict[str, Sequence[dict[str, Any]]], path: str | Path, *, title: str = "") -> Path:
+def plot_convergence(members: dict[str, Sequence[dict[str, Any]]], path: str | Path, *, title: str = "") -> Path | None:
     """Training loss and validation score per epoch: mean over seeds with a ±1 sd band, per arm."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        return None
     colors = _arm_colors(list(members))
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=120)
     for arm, recs in members.items():
@@ -122,4 +132,4 @@ def plot_convergence(members: dict[str, Sequence[dict[str, Any]]], path: str | P
         else:  # e.g. CV members, whose K runs have K histories (each in its fold's manifest)
             ax.text(0.5, 0.5, "no per-epoch history", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -262,17 +262,6 @@ def report(out: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------ analysis
 
 
-def _finite(obj: Any) -> Any:
-    """``obj`` with every NaN/infinite float replaced by ``None`` (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _failure(result: Mapping[str, Any]) -> str | None:
     """Why a finished member cannot enter the statistics (``None``: it can)."""
     score = result.get("test_score")
@@ -332,7 +321,7 @@ def collect(out: str | Path, spec: StudySpec) -> dict[str, list[dict[str, Any]]]
             }
             if failed:
                 record["failed"] = failed
-            records[arm].append(_finite(record))
+            records[arm].append(manifest_lib.strict_json(record))
     return records
 
 
@@ -411,7 +400,7 @@ def analyse(records: Mapping[str, Sequence[dict]], spec: StudySpec) -> dict[str,
     # The classical floor (detjax.floor) is trained on the members' common split: one value per study.
     floors = sorted({r["floor_test_score"] for recs in ok.values() for r in recs
                      if isinstance(r.get("floor_test_score"), float)})
-    return _finite({"spec": spec.to_dict(), "tost_df": spec.tost_df, "labels": labels, "arms": arms,
+    return manifest_lib.strict_json({"spec": spec.to_dict(), "tost_df": spec.tost_df, "labels": labels, "arms": arms,
                     "comparisons": comparisons, "friedman": friedman,
                     "floor_test_score": floors[0] if len(floors) == 1 else (floors or None)})
 
@@ -526,15 +515,12 @@ def write_report(summary: Mapping[str, Any], out: str | Path) -> dict[str, Path]
     json.dumps(summary, allow_nan=False, default=str)  # raises before anything is written
     manifest_lib.write_json_atomic(paths["json"], summary)
     text = markdown_tables(summary)
-    tmp = paths["markdown"].with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(paths["markdown"])
-    try:
-        from detjax import plots
-    except ImportError:  # pragma: no cover - matplotlib is the optional `plots` extra
-        return paths
+    with manifest_lib.atomic_file(paths["markdown"], suffix=".tmp") as f:
+        f.write(text.encode())
+    from detjax import plots
+
     members = {arm: a["members"] for arm, a in summary["arms"].items() if a["n"]}
-    if members:
+    if members and plots.pyplot() is not None:
         paths["spread"] = plots.plot_per_class_spread(members, summary["labels"], out / "per_class_spread.png",
                                                       title=f"{summary['spec']['task']}: test AUC over seeds")
         paths["convergence"] = plots.plot_convergence(members, out / "convergence.png",

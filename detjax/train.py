@@ -774,10 +774,8 @@ def start_record(run_dir: Path, run_manifest: dict, *, sidecar: Mapping[str, Any
 
 def plot_history(config: TrainConfig, history: list[dict], run_dir: Path) -> None:
     """``training_curve.png`` of a finished run (skipped without the optional matplotlib)."""
-    try:
-        from detjax.plots import plot_training_curve
-    except ImportError:  # matplotlib is the optional `plots` extra
-        return
+    from detjax.plots import plot_training_curve
+
     plot_training_curve(history, run_dir / "training_curve.png",
                         title=f"{config.task} {config.arch} init={config.init} order={config.order}")
 

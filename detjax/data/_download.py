@@ -14,17 +14,17 @@ refused, timeout) and how to point the loader at a manual download instead.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
+
+from detjax.manifest import atomic_file
 
 __all__ = ["DownloadError", "ChecksumError", "DEFAULT_TIMEOUT", "atomic_file", "file_digests", "file_sha256",
            "verified", "parse_sha256sums", "fetch", "fetch_bytes", "fetch_tree", "fetch_release"]
@@ -50,33 +50,6 @@ class ChecksumError(ValueError):
                  actual: str | None = None):
         super().__init__(message)
         self.algorithm, self.expected, self.actual = algorithm, expected, actual
-
-
-@contextlib.contextmanager
-def atomic_file(dest: str | os.PathLike[str], *, suffix: str = ".part") -> Iterator[BinaryIO]:
-    """A binary file that replaces ``dest`` only when the ``with`` block ends without error.
-
-    It is a temporary file in ``dest``'s folder (created if needed), with the usual
-    ``0666 & ~umask`` mode; after the block it is fsynced and moved over ``dest`` with
-    ``os.replace``, so ``dest`` holds the old content or the new, never a part. If the block
-    raises, the temporary file is removed and the exception propagates.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive os.replace
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def file_digests(path: str | os.PathLike[str], algorithms: Iterable[str] = ("sha256",), *,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -95,42 +94,14 @@ class StoredFilesError(Exception):
         self.problems = problems
 
 
-def _restore_targets(manifest: dict, config):
-    """A freshly built initial state and best record of ``config`` (restore targets), made from
-    the shapes the manifest records: no data is loaded."""
-    import numpy as np
-
-    from detjax.models import get_model
-    from detjax.train import _state_dict, create_train_state, initial_best, make_optimizer
-
-    shapes = manifest["data_fingerprint"]["shapes"]
-    labels = manifest.get("metrics", {}).get("labels")
-    num_classes = len(labels) if labels else None
-    if num_classes is None:
-        raise StoredFilesError(["manifest.json: no labels in its metrics"])
-    model = get_model(config.arch, num_classes=num_classes, init_mode=config.init, variant=config.variant,
-                      **dict(config.model))
-    n_train = shapes["train_x"][0]
-    tx = make_optimizer(config, math.ceil(n_train / config.batch_size))
-    sample_x = np.zeros([1, *shapes["train_x"][1:]], np.float32)
-    state = create_train_state(model, tx, sample_x, config.seed)
-    return _state_dict(state), initial_best(state)
-
-
 def _restore_final(run_dir: Path, manifest: dict, config):
     """``(state_dict, best, sidecar)`` of the final checkpoint of ``run_dir``, verified against
     its sidecar; :class:`StoredFilesError` naming the checkpoint otherwise."""
-    from detjax.checkpoint import CheckpointError, Checkpointer
+    from detjax.checkpoint import CheckpointError
+    from detjax.train import restore_final_checkpoint
 
-    state_target, best_target = _restore_targets(manifest, config)
-    step = config.epochs
     try:
-        with Checkpointer(run_dir / "checkpoints", config_hash=manifest["config_hash"], allow_device_change=True,
-                          read_only=True) as ckpt:
-            if step not in ckpt.steps:
-                raise StoredFilesError([f"the final checkpoint {run_dir / 'checkpoints' / str(step)} is missing "
-                                        f"(stored steps: {ckpt.steps})"])
-            return ckpt.restore(step, state_target, best_target)
+        return restore_final_checkpoint(run_dir, manifest, config)[1:]
     except CheckpointError as exc:
         raise StoredFilesError([str(exc)]) from None
 
@@ -145,7 +116,7 @@ def check_stored_files(run_dir: Path, manifest: dict):
     (when present) records the same final digest. Raises :class:`StoredFilesError`.
     """
     from detjax import hashing, manifest as manifest_lib
-    from detjax.train import TrainConfig
+    from detjax.train import TrainConfig, weights_sha256
 
     problems: list[str] = []
     manifest_path = run_dir / "manifest.json"
@@ -195,7 +166,7 @@ def check_stored_files(run_dir: Path, manifest: dict):
     if stored_sha != final_sha:
         problems.append(f"{where / 'state'} holds a final state with sha256 {stored_sha}, but {manifest_path} "
                         f"records {final_sha}")
-    best_sha = hashing.tree_sha256({"params": best["params"], "batch_stats": best["batch_stats"]})
+    best_sha = weights_sha256(best)
     for source, record in (("result.json", result), ("manifest.json", metrics)):
         if record is None:
             continue

@@ -183,6 +183,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
     add_print_config_flag(parser)
     add_device_flags(parser)
     add_cpu_kernels_flag(parser)
+    parser.set_defaults(default_epochs=default_epochs, epochs_note=epochs_note)  # for parse_to_config
 
 
 #: One default for every entry point (experiments, ``python -m detjax run``, studies).
@@ -300,51 +301,37 @@ def validate_common(args: argparse.Namespace) -> None:
         raise UsageError("--allow-device-change only applies with --resume")
 
 
-def parse_and_configure(parser: argparse.ArgumentParser, argv, *, default_epochs: int, epochs_note: str,
-                        validate: Callable[[argparse.Namespace], None] | None = None):
-    """Parses and validates ``argv`` (argparse types, :func:`validate_common`, then
-    ``validate(args)``: each ``ValueError`` is one ``error:`` line and exit status 2), then
-    configures the process for bit-identical work (before any JAX computation), and resolves
-    the epoch count (announcing the default when it applies).
+def parse_to_config(parser: argparse.ArgumentParser, argv, config_of: Callable[[argparse.Namespace, int], Any], *,
+                    validate: Callable[[argparse.Namespace, Any], None] | None = None):
+    """The shared start of every experiment CLI (its parser built with :func:`add_common_flags`).
 
-    Returns ``(args, epochs)``; ``args.environment`` holds the environment fingerprint.
+    Parses and validates ``argv``: argparse types, :func:`validate_common`, the recipe's own
+    checks (``config_of(args, 1)``, then ``validate(args, that_config)``); each ``ValueError``
+    is one ``error:`` line and exit status 2. Then configures the process for bit-identical
+    work (before any JAX computation; ``args.environment`` holds the environment fingerprint),
+    resolves the epoch count (announcing the default when it applies) and builds
+    ``config_of(args, epochs)``. ``--print-config`` prints it and exits 0 here, before any data
+    is loaded. Returns ``(args, config)``.
     """
     args = parser.parse_args(argv)
     try:
         validate_common(args)
-        if validate is not None:
-            validate(args)
-    except (ValueError, OSError) as exc:
-        error_exit(str(exc))
-    try:
-        args.environment = configure_process(args.cpu_threads, args.devices, arch=getattr(args, "arch", None),
-                                             cpu_kernels=getattr(args, "cpu_kernels", "fast"),
-                                             allocator=getattr(args, "allocator", "system"))
-    except UsageError as exc:
-        error_exit(str(exc))
-    epochs = args.epochs
-    if epochs is None:
-        epochs = default_epochs
-        if not getattr(args, "print_config", False):  # --print-config prints JSON alone
-            print(f"epochs: {epochs} by default ({epochs_note})", flush=True)
-    return args, epochs
-
-
-def parse_to_config(parser: argparse.ArgumentParser, argv, config_of: Callable[[argparse.Namespace, int], Any], *,
-                    default_epochs: int, epochs_note: str,
-                    validate: Callable[[argparse.Namespace, Any], None] | None = None):
-    """The shared start of every experiment CLI: :func:`parse_and_configure` with the recipe's
-    own checks first (``config_of(args, 1)``, then ``validate(args, that_config)``), then the
-    config of ``config_of(args, epochs)``. ``--print-config`` prints it and exits 0 here,
-    before any data is loaded. Returns ``(args, config)``."""
-    def checks(args: argparse.Namespace) -> None:
         config = config_of(args, 1)
         args.arch = config.arch  # the model picks its CPU kernel options (--cpu-kernels)
         if validate is not None:
             validate(args, config)
-
-    args, epochs = parse_and_configure(parser, argv, default_epochs=default_epochs, epochs_note=epochs_note,
-                                       validate=checks)
+    except (ValueError, OSError) as exc:
+        error_exit(str(exc))
+    try:
+        args.environment = configure_process(args.cpu_threads, args.devices, arch=args.arch,
+                                             cpu_kernels=args.cpu_kernels, allocator=args.allocator)
+    except UsageError as exc:
+        error_exit(str(exc))
+    epochs = args.epochs
+    if epochs is None:
+        epochs = args.default_epochs
+        if not args.print_config:  # --print-config prints JSON alone
+            print(f"epochs: {epochs} by default ({args.epochs_note})", flush=True)
     config = config_of(args, epochs)
     if args.print_config:
         raise SystemExit(print_config(config))

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detjax import hashing, manifest as manifest_lib, ordering
+from detjax import manifest as manifest_lib, ordering
 from detjax import train as train_lib
 from detjax.train import TaskData, TrainConfig, TrainState
 
@@ -277,17 +277,13 @@ def _finish_members(configs: Sequence[TrainConfig], data: TaskData, ex: train_li
         if stored[j] is not None:
             results.append(stored[j])
             continue
-        final_digests = hashing.tree_digests(member_slice(train_lib._state_dict(states), j))
-        result = train_lib.run_result(
-            cfg, data, data.evaluate(data.test_y, test_scores[j]), best_epoch=int(np.asarray(best["epoch"])[j]),
-            best_score=float(np.asarray(best["score"])[j]), init_digests=run_manifest["init_digests"],
-            init_weights_sha256=run_manifest["init_weights_sha256"], final_digests=final_digests,
-            best_weights_sha256=hashing.tree_sha256(
-                member_slice({"params": best["params"], "batch_stats": best["batch_stats"]}, j)),
-            n_params=run_manifest["n_params"], wall=wall, run_dir=member_dir, seed=cfg.seed,
-            execution=execution, history=histories[j])
-        train_lib.write_finished(member_dir, run_manifest, result, final_digests=final_digests,
-                                 history=histories[j], wall=wall, execution=execution)
+        best_j = {**member_slice({"params": best["params"], "batch_stats": best["batch_stats"]}, j),
+                  "epoch": np.asarray(best["epoch"])[j], "score": np.asarray(best["score"])[j]}
+        result = train_lib.finish_run(
+            member_dir, cfg, data, run_manifest, data.evaluate(data.test_y, test_scores[j]), best_j,
+            member_slice(train_lib._state_dict(states), j), history=histories[j], wall=wall,
+            extra={"seed": cfg.seed, "execution": execution, "history": histories[j]},
+            fields={"execution": execution})
         results.append(result)
     return results
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,27 +145,16 @@ def load_run(run_dir: str | Path):
     """``(config, model, variables, manifest)`` of a finished run: the best-validation weights
     restored from its final checkpoint and checked against ``result.json``'s
     ``best_params_sha256``."""
-    from detjax import hashing
-    from detjax.checkpoint import Checkpointer
     from detjax.manifest import read_manifest
-    from detjax.models import get_model
-    from detjax.train import TrainConfig, _state_dict, create_train_state, initial_best, make_optimizer
+    from detjax.train import TrainConfig, restore_final_checkpoint, weights_sha256
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest.get("status") != "finished":
         raise ValueError(f"{run_dir} holds no finished run (status {manifest.get('status')!r})")
     config = TrainConfig.from_dict(manifest["config"])
-    labels = manifest["metrics"]["labels"]
-    model = get_model(config.arch, num_classes=len(labels), init_mode=config.init, variant=config.variant,
-                      **dict(config.model))
-    shapes = manifest["data_fingerprint"]["shapes"]
-    tx = make_optimizer(config, math.ceil(shapes["train_x"][0] / config.batch_size))
-    state = create_train_state(model, tx, np.zeros([1, *shapes["train_x"][1:]], np.float32), config.seed)
-    with Checkpointer(run_dir / "checkpoints", config_hash=manifest["config_hash"], allow_device_change=True,
-                      read_only=True) as ckpt:
-        _, best, _ = ckpt.restore(config.epochs, _state_dict(state), initial_best(state))
-    digest = hashing.tree_sha256({"params": best["params"], "batch_stats": best["batch_stats"]})
+    model, _, best, _ = restore_final_checkpoint(run_dir, manifest, config)
+    digest = weights_sha256(best)
     if digest != manifest["metrics"].get("best_params_sha256"):
         raise ValueError(f"{run_dir}: restored best weights hash to {digest}, result.json records "
                          f"{manifest['metrics'].get('best_params_sha256')}")

@@ -59,7 +59,7 @@ __all__ = [
     "Executor",
     "run_epochs",
     "prepare_run",
-    "run_result",
+    "finish_run",
     "make_gather_step",
     "gather_batch",
     "sown_losses",
@@ -548,6 +548,40 @@ def initial_best(state: TrainState) -> dict:
             "epoch": np.array(-1, np.int32), "score": np.array(-np.inf, np.float32)}
 
 
+def restore_targets(manifest: Mapping[str, Any], config: TrainConfig):
+    """``(model, state_dict, best)``: a fresh initial state and best record of a recorded run
+    (the restore targets of its checkpoints), built from the labels and training-set shapes its
+    manifest records, so no data is loaded."""
+    from detjax.checkpoint import CheckpointCorruptError
+    from detjax.models import get_model
+
+    labels = (manifest.get("metrics") or {}).get("labels")
+    if not labels:
+        raise CheckpointCorruptError("manifest.json: no labels in its metrics")
+    model = get_model(config.arch, num_classes=len(labels), init_mode=config.init, variant=config.variant,
+                      **dict(config.model))
+    shapes = manifest["data_fingerprint"]["shapes"]
+    tx = make_optimizer(config, math.ceil(shapes["train_x"][0] / config.batch_size))
+    state = create_train_state(model, tx, np.zeros([1, *shapes["train_x"][1:]], np.float32), config.seed)
+    return model, _state_dict(state), initial_best(state)
+
+
+def restore_final_checkpoint(run_dir: str | Path, manifest: Mapping[str, Any], config: TrainConfig):
+    """``(model, state_dict, best, sidecar)`` of a finished run's final checkpoint, each tree
+    verified against the sidecar's digests (:meth:`detjax.checkpoint.Checkpointer.restore`).
+    Raises :class:`~detjax.checkpoint.CheckpointError` naming what is missing or corrupt."""
+    from detjax.checkpoint import CheckpointCorruptError, Checkpointer
+
+    run_dir = Path(run_dir)
+    model, state_target, best_target = restore_targets(manifest, config)
+    with Checkpointer(run_dir / "checkpoints", config_hash=manifest["config_hash"], allow_device_change=True,
+                      read_only=True) as ckpt:
+        if config.epochs not in ckpt.steps:
+            raise CheckpointCorruptError(f"the final checkpoint {run_dir / 'checkpoints' / str(config.epochs)} "
+                                         f"is missing (stored steps: {ckpt.steps})")
+        return (model, *ckpt.restore(config.epochs, state_target, best_target))
+
+
 def _make_order_fn(config: TrainConfig, data: TaskData):
     n = data.train_x.shape[0]
     if config.order != "golden":
@@ -704,23 +738,33 @@ def run_epochs(ex: Executor, config: TrainConfig, data: TaskData, state, best: d
 # ----------------------------------------------------------------------- run records
 
 
-def run_result(config: TrainConfig, data: TaskData, test: Mapping[str, Any], *, best_epoch: int,
-               best_score: float, init_digests: Mapping[str, str], init_weights_sha256: str,
-               final_digests: Mapping[str, str], best_weights_sha256: str, n_params: int,
-               wall: float, run_dir: Path, **extra: Any) -> dict[str, Any]:
-    """The ``result.json`` of one run (or one member): test metrics, selection, hashes."""
-    return {
+def finish_run(run_dir: Path, config: TrainConfig, data: TaskData, run_manifest: dict, test: Mapping[str, Any],
+               best: Mapping[str, Any], final_state: Mapping[str, Any], *, history: list[dict], wall: float,
+               extra: Mapping[str, Any] | None = None, fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Closes a run (or member) directory and returns its ``result.json`` object.
+
+    The result holds the test metrics, the selection (best epoch and validation score) and the
+    hashes: the init digests from the running manifest, the final state's digests, the best
+    weights' :func:`weights_sha256`; then ``extra``. Written in order: ``result.json``, the
+    finished manifest, the ``finished`` event; ``fields`` go into the manifest and the event
+    (e.g. ``execution``).
+    """
+    from detjax.checkpoint import kill_point
+
+    extra, fields = extra or {}, fields or {}
+    final_digests = hashing.tree_digests(final_state)
+    result = {
         **{k: v for k, v in test.items() if k != "score"},
         "test_score": test["score"],
-        "best_epoch": int(best_epoch),
-        "best_val_score": float(best_score),
-        "init_sha256": init_digests["sha256"],
-        "init_md5": init_digests["md5"],
-        "init_weights_sha256": init_weights_sha256,
+        "best_epoch": int(best["epoch"]),
+        "best_val_score": float(best["score"]),
+        "init_sha256": run_manifest["init_digests"]["sha256"],
+        "init_md5": run_manifest["init_digests"]["md5"],
+        "init_weights_sha256": run_manifest["init_weights_sha256"],
         "final_sha256": final_digests["sha256"],
         "final_md5": final_digests["md5"],
-        "best_params_sha256": best_weights_sha256,
-        "n_params": n_params,
+        "best_params_sha256": weights_sha256(best),
+        "n_params": run_manifest["n_params"],
         "labels": list(data.labels),
         "epochs": config.epochs,
         "config_hash": config.hash(),
@@ -728,16 +772,6 @@ def run_result(config: TrainConfig, data: TaskData, test: Mapping[str, Any], *, 
         "run_dir": str(run_dir),
         **extra,
     }
-
-
-def write_finished(run_dir: Path, run_manifest: dict, result: dict, *, final_digests: Mapping[str, str],
-                   history: list[dict], wall: float, **fields: Any) -> None:
-    """Closes a run directory: ``result.json``, then the finished manifest, then the event.
-
-    ``fields`` are added to the manifest and the ``finished`` event (e.g. ``execution``).
-    """
-    from detjax.checkpoint import kill_point
-
     run_manifest.update(status="finished", final_digests=dict(final_digests), history=history,
                         metrics={k: v for k, v in result.items() if k != "history"}, wall_time_s=wall, **fields)
     manifest_lib.replace_record(run_dir / "result.json", result)  # keeps what it replaces
@@ -745,6 +779,7 @@ def write_finished(run_dir: Path, run_manifest: dict, result: dict, *, final_dig
     manifest_lib.replace_record(run_dir / "manifest.json", run_manifest)
     manifest_lib.append_event(run_dir, "finished", final_sha256=final_digests["sha256"], wall_time_s=wall,
                               **fields)
+    return result
 
 
 def start_record(run_dir: Path, run_manifest: dict, *, sidecar: Mapping[str, Any] | None,
@@ -897,7 +932,6 @@ def _finish_solo(run: "PreparedRun", config: TrainConfig, data: TaskData, state:
                  history: list[dict], predict_batch, workdir: Path, elapsed: float) -> dict[str, Any]:
     """Tests the best-validation weights and writes the finished run's records."""
     t_start = time.perf_counter()
-    final_digests = hashing.tree_digests(_state_dict(state))
     best_variables = {"params": best["params"]}
     if best["batch_stats"]:
         best_variables["batch_stats"] = best["batch_stats"]
@@ -907,13 +941,8 @@ def _finish_solo(run: "PreparedRun", config: TrainConfig, data: TaskData, state:
     if data.post_evaluate is not None:
         extra = data.post_evaluate(
             lambda x: predict(predict_batch, best_variables, np.asarray(x), config.eval_batch_size), test_scores)
-    wall = elapsed + time.perf_counter() - t_start
-    result = run_result(
-        config, data, test, best_epoch=int(best["epoch"]), best_score=float(best["score"]),
-        init_digests=run.init_digests, init_weights_sha256=run.init_weights_sha256, final_digests=final_digests,
-        best_weights_sha256=hashing.tree_sha256({"params": best["params"], "batch_stats": best["batch_stats"]}),
-        n_params=run.n_params, wall=wall, run_dir=workdir, **extra)
-    write_finished(workdir, run.manifest, result, final_digests=final_digests, history=history, wall=wall)
+    result = finish_run(workdir, config, data, run.manifest, test, best, _state_dict(state), history=history,
+                        wall=elapsed + time.perf_counter() - t_start, extra=extra)
     plot_history(config, history, workdir)
     return result
 
@@ -927,9 +956,6 @@ class PreparedRun:
     pos_weight: np.ndarray | None
     batches_per_epoch: int
     init_state: TrainState
-    init_digests: dict
-    init_weights_sha256: str
-    n_params: int
     environment: dict
     manifest: dict
 
@@ -950,9 +976,7 @@ def prepare_run(config: TrainConfig, data: TaskData, *, model: nn.Module | None 
                                     init_assignment(model, data.train_x[:1]))
     return PreparedRun(model=model, tx=tx, batches_per_epoch=batches_per_epoch,
                        pos_weight=pos_weights(data.train_y) if config.loss == "weighted_bce" else None,
-                       init_state=init_state, init_digests=run_manifest["init_digests"],
-                       init_weights_sha256=run_manifest["init_weights_sha256"], n_params=n_params,
-                       environment=environment, manifest=run_manifest)
+                       init_state=init_state, environment=environment, manifest=run_manifest)
 
 
 def model_and_environment(config: TrainConfig, data: TaskData, model: nn.Module | None,

@@ -78,8 +78,7 @@ def validate(args: argparse.Namespace, config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
-                                   epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
+    args, config = parse_to_config(build_parser(), argv, config_of, validate=validate)
     if args.cv:
         from detjax.cv import cv_main
 

@@ -51,8 +51,7 @@ def config_of(args: argparse.Namespace, epochs: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
-                                   epochs_note=DEFAULT_EPOCHS_NOTE)
+    args, config = parse_to_config(build_parser(), argv, config_of)
     return run_experiment(config, args)
 
 

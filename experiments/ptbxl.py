@@ -59,8 +59,7 @@ def config_of(args: argparse.Namespace, epochs: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
-                                   epochs_note=DEFAULT_EPOCHS_NOTE)
+    args, config = parse_to_config(build_parser(), argv, config_of)
     if args.data_dir is None:
         print("data: the vendored 500-record PTB-XL sample (records 1-500, CC BY 4.0); its AUCs are "
               "NOT comparable to the paper's full-data numbers", flush=True)

@@ -74,8 +74,7 @@ def validate(args: argparse.Namespace, config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = parse_to_config(build_parser(), argv, config_of, default_epochs=DEFAULT_EPOCHS,
-                                   epochs_note=DEFAULT_EPOCHS_NOTE, validate=validate)
+    args, config = parse_to_config(build_parser(), argv, config_of, validate=validate)
     if args.out is None:
         args.out = str(default_out(f"transfer-{args.train}-to-{args.test}"))
     code = run_experiment(config, args)

@@ -187,12 +187,11 @@ def test_a_deleted_sidecar_a_truncated_chunk_and_a_foreign_checkpoint_are_named(
     assert "checkpoints/3" in report and "TensorStore" not in report and "\n" not in report
 
     # A foreign checkpoint: valid orbax files written under another config hash.
-    from detjax.__main__ import _restore_targets
-    from detjax.train import TrainConfig
+    from detjax.train import TrainConfig, restore_targets
 
     broken = copy_of("foreign")
     manifest = manifest_lib.read_manifest(broken)
-    state, best = _restore_targets(manifest, TrainConfig.from_dict(manifest["config"]))
+    _, state, best = restore_targets(manifest, TrainConfig.from_dict(manifest["config"]))
     shutil.rmtree(broken / "checkpoints/3")
     with Checkpointer(broken / "checkpoints", config_hash="f" * 64) as ckpt:
         ckpt.save(3, state, best, {"history": []})

@@ -158,7 +158,7 @@ def run_cv(config, k: int, out, *, headline: str = "macro_auc", extra_metrics: S
     for b, (fold_split, cfg) in enumerate(zip(splits, configs)):
         run_dir = out / f"fold-{b}"
         pred_path = run_dir / PREDICTIONS_FILE
-        finished = manifest_lib.finished_result(run_dir) if (run_dir / "manifest.json").exists() else None
+        finished = manifest_lib.finished_result(run_dir)
         if finished is not None and finished.get("config_hash") != cfg.hash():
             raise ValueError(f"{run_dir} holds a run of another config ({finished.get('config_hash')}); "
                              "choose another --out")

@@ -175,17 +175,9 @@ def make_forward(model, variables, batch_size: int = 256) -> Callable[[np.ndarra
         return logits, (hidden[0] if hidden is not None else None)
 
     def forward(x):
-        logits, hidden = [], []
-        for start in range(0, x.shape[0], batch_size):
-            chunk = x[start:start + batch_size]
-            n = chunk.shape[0]
-            if n < batch_size:
-                chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-            z, h = apply(chunk)
-            logits.append(np.asarray(z)[:n])
-            if h is not None:
-                hidden.append(np.asarray(h)[:n])
-        return np.concatenate(logits), (np.concatenate(hidden) if hidden else None)
+        from detjax.train import predict
+
+        return predict(lambda _, chunk: apply(chunk), None, np.asarray(x), batch_size)
 
     return forward
 

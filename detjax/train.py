@@ -493,7 +493,8 @@ def make_predict(model: nn.Module, config: TrainConfig):
 def predict(predict_batch, variables, x: np.ndarray, batch_size: int, *, sample_axis: int = 0) -> np.ndarray:
     """Scores for all of ``x``; the last batch is zero-padded to ``batch_size`` (one compile).
 
-    ``sample_axis`` is the samples' axis in ``predict_batch``'s output (1 for stacked members).
+    ``sample_axis`` is the samples' axis in ``predict_batch``'s output (1 for stacked members);
+    the output may be a pytree of such arrays (``None`` leaves stay ``None``).
     """
     outputs = []
     for start in range(0, x.shape[0], batch_size):
@@ -501,8 +502,9 @@ def predict(predict_batch, variables, x: np.ndarray, batch_size: int, *, sample_
         n = chunk.shape[0]
         if n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        outputs.append(np.take(np.asarray(predict_batch(variables, chunk)), np.arange(n), axis=sample_axis))
-    return np.concatenate(outputs, axis=sample_axis)
+        outputs.append(jax.tree_util.tree_map(lambda a: np.take(np.asarray(a), np.arange(n), axis=sample_axis),
+                                              predict_batch(variables, chunk)))
+    return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts, axis=sample_axis), *outputs)
 
 
 def protocol_eval_epochs(epochs: int, every: int = 10) -> list[int]:

@@ -216,10 +216,7 @@ def train_seeds(config: TrainConfig, data: TaskData, seeds: Sequence[int], workd
     init_states = init_member_states(model, tx, data.train_x[:1], seeds)
     manifests = _member_manifests(configs, data, environment, init_states, model)
     checkpointer = Checkpointer(workdir / "checkpoints", config_hash=_group_hash(config, seeds, mode))
-    # Host copies: the states' device buffers are donated to the first step.
-    best = {"params": train_lib._host_copy(init_states.params),
-            "batch_stats": train_lib._host_copy(init_states.batch_stats),
-            "epoch": np.full(len(seeds), -1, np.int32), "score": np.full(len(seeds), -np.inf, np.float32)}
+    best = train_lib.initial_best(init_states, members=len(seeds))
     histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
     states, sidecar = init_states, None
     restored = checkpointer.restore_latest(train_lib._state_dict(init_states), best) if resume else None

@@ -23,6 +23,7 @@ split, so a limited run's arrays are the first rows of the unlimited run's.
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,6 +34,18 @@ __all__ = ["ptbxl", "cinc2017", "medmnist", "synthetic", "af_transfer", "RECIPES
 
 def _absolute(folder: str | Path | None) -> str | None:
     return None if folder is None else str(Path(folder).expanduser().absolute())
+
+
+def _cinc_dir(folder: str | Path | None, option: str) -> str:
+    """The CinC 2017 folder, absolute: ``folder``, else ``$DETJAX_CINC2017_DIR`` read here (so the
+    config records it either way; there is no vendored copy), else a ``ValueError``."""
+    from detjax.data.cinc2017 import ENV_DATA_DIR
+
+    folder = folder or os.environ.get(ENV_DATA_DIR)
+    if not folder:
+        raise ValueError(f"no CinC 2017 data folder: pass {option} DIR or set {ENV_DATA_DIR}=DIR "
+                         f"(get the data with `python -m detjax.data.cinc2017 download DEST`)")
+    return _absolute(folder)
 
 
 def _fixup(arch: str, transformer_fixup: bool) -> dict[str, Any]:
@@ -80,15 +93,7 @@ def cinc2017(*, data_dir: str | Path | None = None, init: str = "mixed", arch: s
     ``data_dir``: the folder with the records; ``None`` reads it from ``$DETJAX_CINC2017_DIR``
     here, so the folder is recorded in the config either way (there is no vendored copy).
     """
-    import os
-
-    from detjax.data.cinc2017 import ENV_DATA_DIR
-
-    data_dir = data_dir or os.environ.get(ENV_DATA_DIR)
-    if not data_dir:
-        raise ValueError(f"no CinC 2017 data folder: pass --data-dir DIR or set {ENV_DATA_DIR}=DIR "
-                         f"(get the data with `python -m detjax.data.cinc2017 download DEST`)")
-    data = {"data_dir": _absolute(data_dir), "window_seconds": window_seconds, "sampling_rate": sampling_rate,
+    data = {"data_dir": _cinc_dir(data_dir, "--data-dir"), "window_seconds": window_seconds, "sampling_rate": sampling_rate,
             "reference": reference, "cv_fold": cv_fold, "limit": limit}
     return TrainConfig(task="cinc2017", data=data, arch=arch, model={"in_leads": 1, **_fixup(arch, transformer_fixup)},
                        init=init, variant=variant, order=order, seed=seed, epochs=epochs, batch_size=batch_size,
@@ -144,16 +149,9 @@ def af_transfer(*, source: str, target: str, cinc_dir: str | Path | None = None,
     ``cinc_dir=None`` reads ``$DETJAX_CINC2017_DIR`` here (recorded absolute); ``ptbxl_dir=None``
     is the vendored sample. ``baseline`` is the baseline removal applied to every dataset.
     """
-    import os
-
-    from detjax.data.cinc2017 import ENV_DATA_DIR
-
     if source == target:
         raise ValueError(f"source and target name the same dataset ({source}); transfer needs two")
-    cinc_dir = cinc_dir or os.environ.get(ENV_DATA_DIR)
-    if not cinc_dir:
-        raise ValueError(f"no CinC 2017 data folder: pass --cinc-dir DIR or set {ENV_DATA_DIR}=DIR")
-    data = {"source": source, "target": target, "cinc_dir": _absolute(cinc_dir), "ptbxl_dir": _absolute(ptbxl_dir),
+    data = {"source": source, "target": target, "cinc_dir": _cinc_dir(cinc_dir, "--cinc-dir"), "ptbxl_dir": _absolute(ptbxl_dir),
             "baseline": baseline, "cinc_noisy": cinc_noisy, "limit": limit}
     return TrainConfig(task="af_transfer", data=data, arch=arch, model={"in_leads": 1}, init=init, variant=variant,
                        order=order, seed=seed, epochs=epochs, batch_size=batch_size, optimizer="adam",

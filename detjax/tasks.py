@@ -21,7 +21,7 @@ floor (:mod:`detjax.floor`) to ``result.json`` under ``"floor"``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -84,12 +84,19 @@ def _from_splits(arrays, *, labels, evaluate, info, floor: dict | None = None, c
         order_keys=ordering.golden_content_keys(arrays["x_train"]) if content_order else None, info=info, **extra)
 
 
+def _check_options(task: str, opts: Mapping[str, Any], known: set[str], required: tuple[str, ...] = ()) -> None:
+    """A ``ValueError`` naming ``task``'s unknown or missing data options and the known ones."""
+    unknown, missing = sorted(set(opts) - known), [k for k in required if k not in opts]
+    if unknown:
+        raise ValueError(f"unknown {task} data options {unknown}; known: {sorted(known)}")
+    if missing:
+        raise ValueError(f"{task} data options must include {missing}; known: {sorted(known)}")
+
+
 def _synthetic(config: TrainConfig) -> TaskData:
     opts = {"n_train": 256, "n_val": 64, "n_test": 64, "length": 1000, "leads": 12, "num_classes": 12,
             "seed": 0, **dict(config.data)}
-    known = {"n_train", "n_val", "n_test", "length", "leads", "num_classes", "seed"}
-    if set(opts) - known:
-        raise ValueError(f"unknown synthetic data options {sorted(set(opts) - known)}; known: {sorted(known)}")
+    _check_options("synthetic", opts, {"n_train", "n_val", "n_test", "length", "leads", "num_classes", "seed"})
     n_total = opts["n_train"] + opts["n_val"] + opts["n_test"]
     x, y = make_synthetic_ecg(n_total, length=opts["length"], leads=opts["leads"],
                               num_classes=opts["num_classes"], seed=opts["seed"])
@@ -120,9 +127,7 @@ def _medmnist(config: TrainConfig) -> TaskData:
     from detjax.data import medmnist as mm
 
     opts = dict(config.data)
-    known = {"flag", "data_dir", "size", "limit"}
-    if "flag" not in opts or set(opts) - known:
-        raise ValueError(f"medmnist data options must include 'flag' and be among {sorted(known)}, got {sorted(opts)}")
+    _check_options("medmnist", opts, {"flag", "data_dir", "size", "limit"}, required=("flag",))
     ds = mm.load_medmnist(opts["flag"], opts.get("data_dir"), size=opts.get("size", 28), limit=opts.get("limit"))
     task = ds.task
     multilabel = task == "multi-label, binary-class"
@@ -158,9 +163,8 @@ def _cinc2017(config: TrainConfig) -> TaskData:
     from detjax.data import cinc2017
 
     opts = dict(config.data)
-    known = {"data_dir", "window_seconds", "sampling_rate", "reference", "cv_fold", "folds", "limit", "fold_split"}
-    if set(opts) - known:
-        raise ValueError(f"unknown cinc2017 data options {sorted(set(opts) - known)}; known: {sorted(known)}")
+    _check_options("cinc2017", opts, {"data_dir", "window_seconds", "sampling_rate", "reference", "cv_fold", "folds",
+                                      "limit", "fold_split"})
     if config.loss != "ce":
         raise ValueError(f"cinc2017 is a single-label 4-class task (N, A, O, ~): use loss='ce', not {config.loss!r}")
     # data_dir None: $DETJAX_CINC2017_DIR, else a ValueError naming both (no vendored copy).
@@ -175,11 +179,8 @@ def _af_transfer(config: TrainConfig) -> TaskData:
     from detjax import transfer
 
     opts = dict(config.data)
-    known = {"source", "target", "cinc_dir", "ptbxl_dir", "baseline", "cinc_noisy", "limit", "fold_split",
-             "cinc_folds"}
-    if set(opts) - known or not {"source", "target"} <= set(opts):
-        raise ValueError(f"af_transfer data options must include 'source' and 'target' and be among "
-                         f"{sorted(known)}, got {sorted(opts)}")
+    _check_options("af_transfer", opts, {"source", "target", "cinc_dir", "ptbxl_dir", "baseline", "cinc_noisy",
+                                         "limit", "fold_split", "cinc_folds"}, required=("source", "target"))
     if config.loss not in ("weighted_bce", "bce"):
         raise ValueError(f"af_transfer is a binary AF task with one sigmoid output: use loss='weighted_bce' "
                          f"or 'bce', not {config.loss!r}")

@@ -538,16 +538,18 @@ def _host_copy(tree):
     return jax.tree_util.tree_map(lambda a: np.array(jax.device_get(a)), tree)
 
 
-def initial_best(state: TrainState) -> dict:
-    """The best-validation record before any evaluation (also the checkpoint restore target).
+def initial_best(state: TrainState, members: int | None = None) -> dict:
+    """The best-validation record before any evaluation (also the checkpoint restore target);
+    for ``members`` stacked members, epoch and score have one entry per member.
 
     Scalars are 0-d arrays, not numpy scalars, which orbax cannot restore into. The weights
     are host copies: the train step donates the state's buffers, so a record that pointed at
     them would be deleted by the first step (and a run whose validation never improves would
     then fail to checkpoint its "best" weights).
     """
+    shape = () if members is None else (members,)
     return {"params": _host_copy(state.params), "batch_stats": _host_copy(state.batch_stats),
-            "epoch": np.array(-1, np.int32), "score": np.array(-np.inf, np.float32)}
+            "epoch": np.full(shape, -1, np.int32), "score": np.full(shape, -np.inf, np.float32)}
 
 
 def restore_targets(manifest: Mapping[str, Any], config: TrainConfig):

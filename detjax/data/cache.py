@@ -74,10 +74,12 @@ def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
-def wfdb_files(header: Path, fallback: str) -> list[Path]:
-    """A WFDB record's header plus the signal files its signal lines name, sorted; the files a
-    content key must cover. Tolerant on purpose: an unreadable header, or one naming a file
-    outside its folder, lists ``fallback`` instead (the reader reports the real problem)."""
+def wfdb_files(record: Path, signal_ext: str) -> list[Path]:
+    """The WFDB record ``record``'s header (``<record>.hea``) plus the signal files its signal
+    lines name, sorted; the files a content key must cover. Tolerant on purpose: an unreadable
+    header, or one naming a file outside its folder, lists ``<record><signal_ext>`` instead (the
+    reader reports the real problem)."""
+    header, fallback = record.with_name(record.name + ".hea"), record.name + signal_ext
     try:
         lines = [ln for ln in header.read_text(errors="replace").splitlines()
                  if ln.strip() and not ln.lstrip().startswith("#")]

@@ -258,12 +258,6 @@ def read_record(data_dir: str | os.PathLike[str], name: str) -> np.ndarray:
     return signal.astype(np.float32)
 
 
-def _record_files(data_dir: Path, name: str) -> list[Path]:
-    """Header plus the signal file it names (:func:`~detjax.data.cache.wfdb_files`;
-    ``<name>.mat`` stands in when the header cannot be parsed)."""
-    return cache.wfdb_files(data_dir / f"{name}.hea", f"{name}.mat")
-
-
 # --------------------------------------------------------------------------- labels
 
 
@@ -317,7 +311,8 @@ def read_reference(
     records, labels = (tuple(row[i] for _, row in rows) for i in (0, 1))
     if check_files:
         root = Path(data_dir) if data_dir is not None else path.parent
-        missing = [f"{name} ({p.name})" for name in records for p in _record_files(root, name) if not p.is_file()]
+        missing = [f"{name} ({p.name})" for name in records
+                   for p in cache.wfdb_files(root / name, ".mat") if not p.is_file()]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise FileNotFoundError(2, f"{path} lists {len(missing)} record file(s) missing from {root}: {shown}",
@@ -351,7 +346,7 @@ def resample(signal: np.ndarray, *, orig_rate: int = NATIVE_RATE, target_rate: i
     float32 copy. The anti-alias filter removes what the new rate cannot represent (above
     ``target/2``) instead of folding it into the band.
     """
-    orig_rate, target_rate = _positive_int(orig_rate, "orig_rate"), _positive_int(target_rate, "target_rate")
+    orig_rate, target_rate = S.positive_int(orig_rate, "orig_rate"), S.positive_int(target_rate, "target_rate")
     x = np.asarray(signal)
     if x.ndim != 1:
         raise ValueError(f"resample expects a 1-D signal, got shape {x.shape}")
@@ -374,7 +369,7 @@ def fixed_window(signal: np.ndarray, length: int) -> np.ndarray:
     ``p = length - n`` zeros are added, ``p // 2`` before and ``p - p // 2`` after (an odd
     pad puts the extra zero at the end).
     """
-    length = _positive_int(length, "length")
+    length = S.positive_int(length, "length")
     x = np.asarray(signal)
     if x.ndim != 1:
         raise ValueError(f"fixed_window expects a 1-D signal, got shape {x.shape}")
@@ -393,7 +388,7 @@ def window_length(window_seconds: float, sampling_rate: int) -> int:
 
     ``ValueError`` if the product is not a whole number (e.g. 2.5 s at 1 Hz) or not positive.
     """
-    rate = _positive_int(sampling_rate, "sampling_rate")
+    rate = S.positive_int(sampling_rate, "sampling_rate")
     try:
         seconds = float(window_seconds)
     except (TypeError, ValueError):
@@ -414,12 +409,6 @@ def preprocess(signal: np.ndarray, *, sampling_rate: int = 100, length: int = 10
     return fixed_window(resample(signal, target_rate=sampling_rate), length)
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 # --------------------------------------------------------------------------- folds
 
 
@@ -438,7 +427,7 @@ def stratified_folds(records: Sequence[str], labels: Sequence[str], n_folds: int
     sizes differ by at most one. Only the names and labels matter: no RNG, no float.
     Returned in the order of ``records``.
     """
-    n_folds = _positive_int(n_folds, "n_folds")
+    n_folds = S.positive_int(n_folds, "n_folds")
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
     records, labels = list(records), list(labels)
@@ -533,7 +522,7 @@ def content_key(data_dir: Path, records: Sequence[str], *, sampling_rate: int, w
 
     files = []
     for name in records:
-        for path in _record_files(data_dir, name):
+        for path in cache.wfdb_files(data_dir / name, ".mat"):
             if not path.is_file():
                 raise _missing(path, record=name, what="file")
             files.append((path.name, path))
@@ -660,7 +649,7 @@ def load_cinc2017(
     split shorter than the window), ``norm`` (``mean``, ``std`` float64, ``count``), ``limit``
     and ``source`` (``data_source`` kind, ``content_sha256``, ``windows_fingerprint``, ...).
     """
-    rate = _positive_int(sampling_rate, "sampling_rate")
+    rate = S.positive_int(sampling_rate, "sampling_rate")
     length = window_length(window_seconds, rate)
     roles = S.fold_roles(cv_fold, fold_split, N_FOLDS)
     limit = S.check_limit(limit)

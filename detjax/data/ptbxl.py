@@ -261,18 +261,12 @@ def _record_path(data_dir: Path, relative: str, *, ecg_id: int) -> Path:
     return data_dir / rel
 
 
-def _signal_files(record: Path) -> list[Path]:
-    """The header plus the signal files it names (:func:`~detjax.data.cache.wfdb_files`;
-    ``<record>.dat`` stands in when the header cannot be parsed)."""
-    return cache.wfdb_files(record.with_name(record.name + ".hea"), record.name + ".dat")
-
-
 def _missing(path: Path, *, ecg_id: int, record: Path) -> FileNotFoundError:
     return FileNotFoundError(2, f"PTB-XL record ecg_id={ecg_id} ({record}): missing file", str(path))
 
 
 def _read_wfdb(record: Path, *, ecg_id: int):
-    for path in _signal_files(record):
+    for path in cache.wfdb_files(record, ".dat"):
         if not path.is_file():
             raise _missing(path, ecg_id=ecg_id, record=record)
     try:
@@ -370,7 +364,7 @@ def content_key(
     """
     files = [(name, data_dir / name) for name in (DATABASE_CSV, SCP_CSV)]
     for record, ecg_id in zip(record_paths, ecg_ids):
-        for path in _signal_files(record):
+        for path in cache.wfdb_files(record, ".dat"):
             if not path.is_file():
                 raise _missing(path, ecg_id=int(ecg_id), record=record)
             files.append((Path(os.path.relpath(path, data_dir)).as_posix(), path))

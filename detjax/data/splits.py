@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 __all__ = ["SPLITS", "N_FOLDS", "CV_FOLDS", "fold_roles", "split_indices", "train_statistics", "normalise",
-           "label_counts", "check_limit", "first_records"]
+           "label_counts", "positive_int", "check_limit", "first_records"]
 
 SPLITS = ("train", "val", "test")
 N_FOLDS = 10
@@ -109,13 +109,17 @@ def label_counts(y: np.ndarray, labels: Sequence[str]) -> dict[str, int]:
     return {label: int(round(float(n))) for label, n in zip(labels, totals)}
 
 
+def positive_int(value: Any, name: str, what: str = "a positive integer") -> int:
+    """``value`` as an ``int``; a ``ValueError`` naming ``name`` unless it is an integer ≥ 1
+    (a bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def check_limit(limit: Any) -> int | None:
     """``limit`` as an ``int`` (``None`` stays ``None``); ``ValueError`` unless a positive integer."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
-        raise ValueError(f"limit must be a positive number of records per split, got {limit!r}")
-    return int(limit)
+    return None if limit is None else positive_int(limit, "limit", "a positive number of records per split")
 
 
 def first_records(items: Mapping[str, T], limit: int | None) -> dict[str, T]:

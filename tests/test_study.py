@@ -317,3 +317,16 @@ def test_cli_report_only(finished_study):
 def test_report_of_a_directory_without_a_study_is_refused(tmp_path):
     with pytest.raises(StudyError, match="no study_spec.json"):
         study.report(tmp_path)
+
+
+def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
+    """matplotlib is an optional extra: without it every figure function writes nothing and
+    returns None (a finished run must not fail at its curve after writing result.json)."""
+    from detjax import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    history = [{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "train_loss": 0.5, "val": {"score": 0.7}}]
+    assert plots.pyplot() is None
+    assert plots.plot_training_curve(history, tmp_path / "curve.png") is None
+    assert plots.plot_convergence({"a": [{"history": history}]}, tmp_path / "conv.png") is None
+    assert not list(tmp_path.iterdir())

@@ -246,7 +246,7 @@ def gpu_check(args) -> int:
         print(f"FAIL: {exc}", file=sys.stderr)
         if args.report:
             write_json_atomic(args.report, {"check": "detjax bitwise determinism", "identical": None, "passed": False,
-                                 "error": str(exc), "required_platform": args.require_platform})
+                                            "error": str(exc), "required_platform": args.require_platform})
         return EXIT_WRONG_PLATFORM
     identical = all(r["identical"] for r in results)
     canary_ok = all(r["canary"]["deterministic"].get("all_identical", True) for r in results)

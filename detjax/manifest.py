@@ -151,10 +151,9 @@ def replace_record(path: str | Path, obj: Any) -> None:
     it does not parse) and its SHA-256 are first appended to ``events.jsonl`` of the file's
     folder as a ``superseded`` event.
     """
-    path = Path(path)
+    path, new = Path(path), _json_bytes(obj)
     if path.exists():
         old = path.read_bytes()
-        new = _json_bytes(obj)
         if old != new:
             try:
                 content: Any = json.loads(old)
@@ -162,7 +161,8 @@ def replace_record(path: str | Path, obj: Any) -> None:
                 content = old.decode(errors="replace")
             append_event(path.parent, "superseded", file=path.name,
                          sha256=hashlib.sha256(old).hexdigest(), content=content)
-    write_json_atomic(path, obj)
+    with atomic_file(path, suffix=".tmp") as f:  # the bytes compared above, serialised once
+        f.write(new)
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:

@@ -93,8 +93,8 @@ def cinc2017(*, data_dir: str | Path | None = None, init: str = "mixed", arch: s
     ``data_dir``: the folder with the records; ``None`` reads it from ``$DETJAX_CINC2017_DIR``
     here, so the folder is recorded in the config either way (there is no vendored copy).
     """
-    data = {"data_dir": _cinc_dir(data_dir, "--data-dir"), "window_seconds": window_seconds, "sampling_rate": sampling_rate,
-            "reference": reference, "cv_fold": cv_fold, "limit": limit}
+    data = {"data_dir": _cinc_dir(data_dir, "--data-dir"), "window_seconds": window_seconds,
+            "sampling_rate": sampling_rate, "reference": reference, "cv_fold": cv_fold, "limit": limit}
     return TrainConfig(task="cinc2017", data=data, arch=arch, model={"in_leads": 1, **_fixup(arch, transformer_fixup)},
                        init=init, variant=variant, order=order, seed=seed, epochs=epochs, batch_size=batch_size,
                        optimizer="adam", learning_rate=1e-3, loss="ce", eval_every=eval_every)
@@ -151,8 +151,8 @@ def af_transfer(*, source: str, target: str, cinc_dir: str | Path | None = None,
     """
     if source == target:
         raise ValueError(f"source and target name the same dataset ({source}); transfer needs two")
-    data = {"source": source, "target": target, "cinc_dir": _cinc_dir(cinc_dir, "--cinc-dir"), "ptbxl_dir": _absolute(ptbxl_dir),
-            "baseline": baseline, "cinc_noisy": cinc_noisy, "limit": limit}
+    data = {"source": source, "target": target, "cinc_dir": _cinc_dir(cinc_dir, "--cinc-dir"),
+            "ptbxl_dir": _absolute(ptbxl_dir), "baseline": baseline, "cinc_noisy": cinc_noisy, "limit": limit}
     return TrainConfig(task="af_transfer", data=data, arch=arch, model={"in_leads": 1}, init=init, variant=variant,
                        order=order, seed=seed, epochs=epochs, batch_size=batch_size, optimizer="adam",
                        learning_rate=1e-3, loss="weighted_bce", eval_every=eval_every)

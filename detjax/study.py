@@ -401,8 +401,8 @@ def analyse(records: Mapping[str, Sequence[dict]], spec: StudySpec) -> dict[str,
     floors = sorted({r["floor_test_score"] for recs in ok.values() for r in recs
                      if isinstance(r.get("floor_test_score"), float)})
     return manifest_lib.strict_json({"spec": spec.to_dict(), "tost_df": spec.tost_df, "labels": labels, "arms": arms,
-                    "comparisons": comparisons, "friedman": friedman,
-                    "floor_test_score": floors[0] if len(floors) == 1 else (floors or None)})
+                                     "comparisons": comparisons, "friedman": friedman,
+                                     "floor_test_score": floors[0] if len(floors) == 1 else (floors or None)})
 
 
 # ------------------------------------------------------------------------- reports

@@ -6,7 +6,9 @@
 * ``python -m detjax verify RUN_DIR``: first re-hashes what ``RUN_DIR`` stores (the final
   checkpoint's state and best weights against their sidecar, ``manifest.json``,
   ``result.json`` and ``events.jsonl``), then re-runs the recorded config in a fresh process
-  (its progress bar passes through) and compares the final state's SHA-256.
+  (its progress bar passes through) and compares the final state's SHA-256. The re-run
+  compiles afresh (``--compile-cache none``), so it also re-derives the compiled programs
+  rather than reading them back from a cache.
 * ``python -m detjax env``: print the environment fingerprint as JSON.
 
 Exit status of ``verify``: 0 identical; 1 the re-run differs (the first differing leaf is
@@ -52,11 +54,12 @@ def _load_config_file(path: Path):
 
 
 def cmd_run(args) -> int:
-    from detjax.cli import check_out_dir, check_resume_target, configure_process
+    from detjax.cli import check_compile_cache, check_out_dir, check_resume_target, configure_process
 
     # Everything that needs no JAX is checked before the process is configured.
     check_out_dir(args.out)
     check_resume_target(args.out, args.resume)
+    check_compile_cache(args.compile_cache)
     if args.allow_device_change and not args.resume:
         raise ValueError("--allow-device-change only applies with --resume")
     # TrainConfig and the run directory need JAX imported, not started: still before configure.
@@ -70,7 +73,7 @@ def cmd_run(args) -> int:
                           "already_complete": True}))
         return 0
     environment = configure_process(args.cpu_threads, args.devices, arch=config.arch, cpu_kernels=args.cpu_kernels,
-                                    allocator=args.allocator)
+                                    allocator=args.allocator, compile_cache=args.compile_cache)
     from detjax import tasks
     from detjax.train import make_mesh, train_and_evaluate
 
@@ -279,7 +282,9 @@ def _rerun_config(args, run_dir: Path, manifest: dict, config, config_path: Path
     """``python -m detjax run`` of ``config_path`` into ``out`` in a fresh process; its result
     line. Its stderr (progress bar, any error) passes through; :class:`_VerifyStop` (exit 2)
     when it fails."""
-    cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), *placement]
+    # Compiled afresh: a program read back from a cache would not be re-derived.
+    cmd = [sys.executable, "-m", "detjax", "run", str(config_path), "--out", str(out), *placement,
+           "--compile-cache", "none"]
     if args.no_progress:
         cmd.append("--no-progress")
     print(f"re-running {run_dir.name} (config {manifest['config_hash'][:12]}, {config.epochs} epochs) in a "
@@ -297,8 +302,10 @@ def _environment_differences(manifest: dict, placement: list[str]) -> list[str]:
     arch = ["--arch", manifest["config"]["arch"]] if manifest.get("config", {}).get("arch") else []
     env_now = json.loads(subprocess.run([sys.executable, "-m", "detjax", "env", *placement, *arch],
                                         stdout=subprocess.PIPE, text=True).stdout)
+    # The compile cache is left out: the re-run compiles afresh on purpose (a cached program
+    # gives a fresh compile's bits).
     return sorted(k for k in set(env_now) | set(manifest["environment"])
-                  if env_now.get(k) != manifest["environment"].get(k))
+                  if k != "compile_cache" and env_now.get(k) != manifest["environment"].get(k))
 
 
 def _rerun_and_compare(args, run_dir: Path, manifest: dict, config, stored_state) -> dict:
@@ -342,16 +349,18 @@ def cmd_verify(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from detjax.cli import configure_process
+    from detjax.cli import check_compile_cache, configure_process
 
+    check_compile_cache(args.compile_cache)
     print(json.dumps(configure_process(args.cpu_threads, args.devices, arch=args.arch, cpu_kernels=args.cpu_kernels,
-                                       allocator=args.allocator),
+                                       allocator=args.allocator, compile_cache=args.compile_cache),
                      indent=2, sort_keys=True))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from detjax.cli import DEFAULT_DEVICES, add_cpu_kernels_flag, add_device_flags, positive_int, subcommand_parser
+    from detjax.cli import (DEFAULT_DEVICES, add_compile_cache_flag, add_cpu_kernels_flag, add_device_flags,
+                            positive_int, subcommand_parser)
 
     parser, sub = subcommand_parser("python -m detjax", __doc__)
     run = sub.add_parser("run", help="train a config file under the deterministic configuration")
@@ -362,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-threads", type=positive_int, default=None, help="pin the CPU backend to N threads")
     add_device_flags(run)
     add_cpu_kernels_flag(run)
+    add_compile_cache_flag(run)
     run.set_defaults(fn=cmd_run)
     verify = sub.add_parser(
         "verify", help="check a run's stored files, then re-run its config and compare final hashes",
@@ -376,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--devices", type=positive_int, default=DEFAULT_DEVICES)
     env.add_argument("--arch", default=None, help="the model whose CPU kernel options apply (--cpu-kernels)")
     add_cpu_kernels_flag(env)
+    add_compile_cache_flag(env)
     env.set_defaults(fn=cmd_env)
     return parser
 

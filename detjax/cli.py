@@ -183,6 +183,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, inits: Sequence[str], d
     add_print_config_flag(parser)
     add_device_flags(parser)
     add_cpu_kernels_flag(parser)
+    add_compile_cache_flag(parser)
     parser.set_defaults(default_epochs=default_epochs, epochs_note=epochs_note)  # for parse_to_config
 
 
@@ -219,17 +220,36 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
                              "(the result is then not bit-identical to either)")
 
 
+def add_compile_cache_flag(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--compile-cache", default="auto", metavar="auto|none|DIR",
+                        help="persistent XLA compilation cache: auto (default) follows JAX_COMPILATION_CACHE_DIR "
+                             "/ JAX_ENABLE_COMPILATION_CACHE when set, else a per-user folder per CPU type "
+                             "(~/.cache/detjax/xla/..., $DETJAX_CACHE_DIR moves it; 2 GiB at most); none; or a "
+                             "folder. Same bits either way: a stored program is the one a fresh compile gives"
+                             + note)
+
+
+def check_compile_cache(value: str) -> None:
+    """``--compile-cache``: a word of ``determinism.COMPILE_CACHE_CHOICES`` or a usable folder."""
+    from detjax.determinism import COMPILE_CACHE_CHOICES  # no JAX import: safe before configure
+
+    if value not in COMPILE_CACHE_CHOICES:
+        check_out_dir(value, "--compile-cache")
+
+
 def configure_process(cpu_threads: int | None, devices: int | None, *, arch: str | None = None,
-                      cpu_kernels: str = "fast", allocator: str = "system") -> dict:
+                      cpu_kernels: str = "fast", allocator: str = "system", compile_cache: str = "auto") -> dict:
     """``determinism.configure`` plus, for ``devices > 1``, that many CPU host devices (the flag
-    only concerns the host platform, so it is harmless on GPU machines), and model ``arch``'s
-    CPU kernel options (``--cpu-kernels``, :func:`detjax.determinism.cpu_kernel_flags`).
+    only concerns the host platform, so it is harmless on GPU machines), model ``arch``'s
+    CPU kernel options (``--cpu-kernels``, :func:`detjax.determinism.cpu_kernel_flags`) and the
+    compilation cache (``--compile-cache``, :func:`detjax.determinism.use_compile_cache`).
     ``allocator="jemalloc"`` first restarts the process under jemalloc (:func:`use_jemalloc`)."""
     from detjax import determinism
 
     if allocator == "jemalloc":
         use_jemalloc()
 
+    determinism.use_compile_cache(compile_cache)
     extra = [f"--xla_force_host_platform_device_count={devices}"] if devices and devices > 1 else []
     return determinism.configure(cpu_threads=cpu_threads, extra_xla_flags=extra,
                                  cpu_kernels=determinism.cpu_kernel_flags(arch, cpu_kernels))
@@ -297,6 +317,7 @@ def validate_common(args: argparse.Namespace) -> None:
     check_data_dir(args.data_dir)
     check_out_dir(args.out if args.out is not None else "runs")  # the default run directory goes there
     check_resume_target(args.out, args.resume)
+    check_compile_cache(args.compile_cache)
     if args.allow_device_change and not args.resume:
         raise UsageError("--allow-device-change only applies with --resume")
 
@@ -324,7 +345,8 @@ def parse_to_config(parser: argparse.ArgumentParser, argv, config_of: Callable[[
         error_exit(str(exc))
     try:
         args.environment = configure_process(args.cpu_threads, args.devices, arch=args.arch,
-                                             cpu_kernels=args.cpu_kernels, allocator=args.allocator)
+                                             cpu_kernels=args.cpu_kernels, allocator=args.allocator,
+                                             compile_cache=args.compile_cache)
     except UsageError as exc:
         error_exit(str(exc))
     epochs = args.epochs

@@ -33,12 +33,17 @@ It returns :func:`environment_fingerprint`, a JSON-serialisable dict for every m
 (including the CUDA plugin/PJRT wheels and nvidia-* libraries), backend, device (SM count,
 driver version, MIG state where obtainable; ``None`` on CPU), NCCL version and ``NCCL_*``
 settings, whether a persistent compilation cache is in use, flags and JAX settings.
+
+:func:`use_compile_cache` turns on JAX's persistent compilation cache (the command lines'
+``--compile-cache``, default a per-user folder per CPU type): a stored executable gives the
+bits a fresh compile gives, so later runs skip most of the compile time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -61,9 +66,14 @@ __all__ = [
     "CPU_KERNELS",
     "backend_initialized",
     "cpu_kernel_flags",
+    "COMPILE_CACHE_CHOICES",
+    "DEFAULT_COMPILE_CACHE_BYTES",
     "configure",
+    "cpu_type_key",
+    "default_compile_cache_dir",
     "environment_fingerprint",
     "probe_xla_flags",
+    "use_compile_cache",
 ]
 
 #: XLA flags that make GPU work bit-reproducible (set where the installed XLA knows them).
@@ -145,9 +155,14 @@ def _flag_values(tokens: list[str]) -> dict[str, str]:
     return values
 
 
-def _cache_path(cache_dir: str | os.PathLike | None) -> Path:
+def _cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$DETJAX_CACHE_DIR``, else ``~/.cache/detjax``: detjax's per-user caches."""
     base = cache_dir or os.environ.get("DETJAX_CACHE_DIR")
-    base = Path(base) if base else Path.home() / ".cache" / "detjax"
+    return Path(base) if base else Path.home() / ".cache" / "detjax"
+
+
+def _cache_path(cache_dir: str | os.PathLike | None) -> Path:
+    base = _cache_root(cache_dir)
     plugins = sorted(
         f"{d.metadata['Name']}=={d.version}"
         for d in importlib.metadata.distributions()
@@ -608,15 +623,96 @@ def _nccl_info() -> dict:
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}}
 
 
+# ---------------------------------------------------------------------- compile cache
+
+#: ``--compile-cache`` words (anything else names a folder): see :func:`use_compile_cache`.
+COMPILE_CACHE_CHOICES = ("auto", "none")
+#: The default cache folder is kept under this size (least recently used executables go first).
+DEFAULT_COMPILE_CACHE_BYTES = 2 * 1024 ** 3
+_JAX_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE")
+
+# How use_compile_cache() set the cache in this process; reported by environment_fingerprint().
+_compile_cache_source: str | None = None
+
+
+def cpu_type_key() -> str:
+    """The first 16 hex digits of ``sha256(machine, CPU model, CPU feature flags)``.
+
+    XLA compiles CPU code for the host's instruction set, and JAX's cache key does not
+    include it: an executable stored on one CPU type may not run on another, or may not give
+    a fresh compile's bits there. The default cache folder is therefore one per CPU type."""
+    fields = [platform.machine(), _cpu_model() or ""]
+    try:
+        with open("/proc/cpuinfo") as f:
+            features = next((line for line in f if line.lower().startswith(("flags", "features"))), "")
+    except OSError:
+        features = ""
+    fields.append(" ".join(sorted(features.partition(":")[2].split())) or platform.processor())
+    return hashlib.sha256("\n".join(fields).encode()).hexdigest()[:16]
+
+
+def default_compile_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache root>/xla/<machine>-<cpu_type_key()>`` (cache root: ``cache_dir``, else
+    ``$DETJAX_CACHE_DIR``, else ``~/.cache/detjax``)."""
+    return _cache_root(cache_dir) / "xla" / f"{platform.machine()}-{cpu_type_key()}"
+
+
+def use_compile_cache(choice: str | os.PathLike = "auto") -> str:
+    """Turn JAX's persistent compilation cache on or off for this process; returns how.
+
+    A stored executable is what a fresh compile of the same program gives (JAX's key covers
+    the program, compile options, XLA flags and jaxlib version; the default folder adds the CPU
+    type), so the bits do not change: only the compile time goes. ``choice``:
+
+    * ``"auto"``: JAX's own variables (``JAX_COMPILATION_CACHE_DIR``,
+      ``JAX_ENABLE_COMPILATION_CACHE``) when either is set (returns ``"environment"``), else
+      :func:`default_compile_cache_dir`, kept under :data:`DEFAULT_COMPILE_CACHE_BYTES` where
+      the ``filelock`` package is installed (``"default"``; ``"unavailable"`` and no cache
+      when that folder cannot be created);
+    * ``"none"``: no cache, every program compiled afresh (``"none"``);
+    * any other value: that folder, created if missing, not size-limited (``"folder"``).
+
+    Call it before the first compile (JAX opens its cache once). The fingerprint records the
+    returned word (``compile_cache.chosen_by``), never the path.
+    """
+    import jax
+
+    global _compile_cache_source
+    choice = os.fspath(choice)
+    if choice == "none":
+        source, folder = "none", None
+    elif choice == "auto" and any(name in os.environ for name in _JAX_CACHE_ENV):
+        source, folder = "environment", None
+    elif choice == "auto":
+        source, folder = "default", default_compile_cache_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            source, folder = "unavailable", None  # a read-only home: run without, as before
+    else:
+        source, folder = "folder", Path(choice)
+        folder.mkdir(parents=True, exist_ok=True)
+    if source in ("none", "unavailable"):
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif folder is not None:
+        if source == "default" and importlib.util.find_spec("filelock") is not None:
+            jax.config.update("jax_compilation_cache_max_size", DEFAULT_COMPILE_CACHE_BYTES)
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", str(folder.absolute()))
+    _compile_cache_source = source
+    return source
+
+
 def _compile_cache_info() -> dict:
-    """Whether JAX's persistent compilation cache is on in this process (no path: it may name a user)."""
+    """Whether JAX's persistent compilation cache is on in this process, and who chose it
+    (:func:`use_compile_cache`; ``None`` if not called). No path: it may name a user."""
     import jax
 
     enabled = bool(getattr(jax.config, "jax_enable_compilation_cache", True))
     directory = getattr(jax.config, "jax_compilation_cache_dir", None)
     used = enabled and bool(directory)
     return {"state": "enabled" if used else "disabled", "jax_enable_compilation_cache": enabled,
-            "cache_dir_set": bool(directory),
+            "cache_dir_set": bool(directory), "chosen_by": _compile_cache_source,
             "env": sorted(k for k in os.environ
                           if k in ("JAX_ENABLE_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")
                           or k.startswith("JAX_PERSISTENT_CACHE_"))}

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import check_data_dir, configure_process, error_exit, positive_int  # noqa: E402
+from detjax.cli import (add_compile_cache_flag, check_compile_cache, check_data_dir, configure_process,  # noqa: E402
+                        error_exit, positive_int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CinC 2017 folder for the real-OOD check (default: the run's own, or "
                              "$DETJAX_CINC2017_DIR; skipped when neither is known)")
     parser.add_argument("--cpu-threads", type=positive_int, default=None)
+    add_compile_cache_flag(parser)
     return parser
 
 
@@ -46,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_data_dir(target, "--run" if args.run else "--study")
         check_data_dir(args.cinc_dir, "--cinc-dir")
+        check_compile_cache(args.compile_cache)
         if args.run and not (target / "manifest.json").exists():
             raise ValueError(f"--run {target}: no manifest.json (not a run directory)")
         if args.study and not (target / "study_spec.json").exists():
             raise ValueError(f"--study {target}: no study_spec.json (not a study directory)")
     except ValueError as exc:
         error_exit(str(exc))
-    configure_process(args.cpu_threads, None)
+    configure_process(args.cpu_threads, None, compile_cache=args.compile_cache)
     from detjax import ood
 
     try:

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detjax.cli import (add_cpu_kernels_flag, add_print_config_flag, check_data_dir, check_out_dir, configure_process,  # noqa: E402
-                        default_out, error_exit, nonnegative_int, positive_float, positive_int, print_config)
+from detjax.cli import (add_compile_cache_flag, add_cpu_kernels_flag, add_print_config_flag,  # noqa: E402
+                        check_compile_cache, check_data_dir, check_out_dir, configure_process, default_out,
+                        error_exit, nonnegative_int, positive_float, positive_int, print_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "gives the paper's printed p) or the Welch-Satterthwaite df")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute study.json/md and figures of the study in --out (no training)")
-    parser.add_argument("--compile-cache", default=None,
-                        help="persistent XLA compilation cache (default <out>/xla-cache; 'none' disables): "
-                             "members of a study run the same programs, so only the first one compiles")
     parser.add_argument("--cpu-threads", type=positive_int, default=None, help="pin the CPU backend to N threads")
     parser.add_argument("--no-progress", action="store_true")
     add_print_config_flag(parser)
     add_cpu_kernels_flag(parser)
+    add_compile_cache_flag(parser, note="; members of a study run the same programs, so only the first compiles")
     return parser
 
 
@@ -90,8 +89,7 @@ def validate(args) -> None:
         raise ValueError("--arms is empty; give a comma list of initialisations")
     check_out_dir(args.out if args.out else "runs")
     check_data_dir(args.data_dir)
-    if args.compile_cache not in (None, "none"):
-        check_out_dir(args.compile_cache, "--compile-cache")
+    check_compile_cache(args.compile_cache)
 
 
 def _seed_list(args) -> tuple[int, ...] | None:
@@ -128,18 +126,6 @@ def spec_from_args(args):
                      group_size=args.group_size, cv=args.cv)
 
 
-def _use_compile_cache(choice: str | None, out: Path) -> None:
-    """A cached executable is the same machine code as a fresh compile, so the bits do not change."""
-    import jax
-
-    if choice == "none":
-        return
-    path = Path(choice) if choice else out / "xla-cache"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path.absolute()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -157,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = members[0][0].arch if not args.report_only else None  # every arm trains the same model
     try:
         environment = configure_process(args.cpu_threads, None, arch=arch, cpu_kernels=args.cpu_kernels,
-                                        allocator=args.allocator)
+                                        allocator=args.allocator, compile_cache=args.compile_cache)
     except ValueError as exc:  # --allocator jemalloc without the library
         error_exit(str(exc))
     from detjax import study
@@ -175,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             for arm in spec.arms:
                 study.member_config(spec, arm)  # unknown inits/tasks fail here, before any training
             out = Path(args.out) if args.out else default_out("study-" + args.task.replace(":", "-"))
-            _use_compile_cache(args.compile_cache, out)
             print(f"study {spec.task}: arms {list(spec.arms)}, seeds {list(spec.seeds)}, {spec.epochs} epochs, "
                   f"mode {spec.mode} -> {out}", flush=True)
             summary = study.run_study(spec, out, environment=environment, progress=not args.no_progress)

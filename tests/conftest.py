@@ -34,9 +34,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-FRESH_COMPILE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
-
 
 # --------------------------------------------------------- python -m detjax, fresh process
 
@@ -44,11 +41,13 @@ FRESH_COMPILE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMP
 def cli_env(*, fresh_compile: bool = False, **extra: str) -> dict:
     """The environment of a ``python -m detjax`` child: this one with the repository on
     ``PYTHONPATH`` and no ``DETJAX_TEST_KILL_AT`` hook, then ``extra``. ``fresh_compile``
-    also drops the session's shared compilation cache, so the child compiles for itself."""
+    also turns every compilation cache off (the session's and the CLIs' per-user default), so
+    the child compiles for itself."""
     env = dict(os.environ)
     if fresh_compile:
         env = {k: v for k, v in env.items()
                if not k.startswith("JAX_PERSISTENT_CACHE") and k != "JAX_COMPILATION_CACHE_DIR"}
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("DETJAX_TEST_KILL_AT", None)
     env.update(extra)

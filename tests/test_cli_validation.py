@@ -66,6 +66,7 @@ def _common(p):
         ["--out", p["file"]], ["--out", p["under_file"]],
         ["--resume"], ["--resume", "--out", p["missing"]], ["--resume", "--out", p["empty"]],
         ["--allow-device-change"], ["--init", "nonsense"], ["--order", "random"],
+        ["--compile-cache", p["file"]], ["--compile-cache", p["under_file"]],
     ]
 
 
@@ -104,6 +105,7 @@ def _cases(p):
         ("detjax", ["run", p["unknown_key"], "--out", p["out"]]), ("detjax", ["run", p["config"], "--out", p["file"]]),
         ("detjax", run + ["--resume"]), ("detjax", ["run", p["config"], "--out", p["empty"], "--resume"]),
         ("detjax", run + ["--allow-device-change"]), ("detjax", ["run", p["config"]]),
+        ("detjax", run + ["--compile-cache", p["file"]]), ("detjax", ["env", "--compile-cache", p["file"]]),
         ("detjax", ["verify", p["missing"]]), ("detjax", ["verify", p["empty"]]), ("detjax", ["verify", p["file"]]),
         ("detjax", ["verify", p["empty"], "--out", p["file"]]),
         ("detjax", ["env", "--cpu-threads", "0"]), ("detjax", ["env", "--devices", "-1"]),

@@ -344,3 +344,42 @@ def test_the_fingerprint_names_the_host_allocator(monkeypatch):
     assert info["libc"] is None or info["libc"].startswith("glibc")
     monkeypatch.delenv("LD_PRELOAD")
     assert determinism.host_allocator_info()["ld_preload"] == []
+
+
+def test_use_compile_cache_follows_the_choice_and_records_who_chose(tmp_path):
+    """auto -> a per-user folder per CPU type (size-limited), unless JAX's own variables are
+    set; none -> off; anything else -> that folder. The fingerprint never names the folder."""
+    code = f"""
+        import json, os
+        import jax
+        from detjax import determinism as d
+        for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE"):
+            os.environ.pop(name, None)
+        def now(source):
+            return {{"source": source, "dir": jax.config.jax_compilation_cache_dir,
+                    "max": jax.config.jax_compilation_cache_max_size, "info": d._compile_cache_info()}}
+        out = {{"default": now(d.use_compile_cache("auto")), "expected": str(d.default_compile_cache_dir()),
+               "key": d.cpu_type_key()}}
+        out["folder"] = now(d.use_compile_cache({str(tmp_path / "mine")!r}))
+        out["none"] = now(d.use_compile_cache("none"))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = {str(tmp_path / "from-env")!r}
+        out["environment"] = d.use_compile_cache("auto")
+        print(json.dumps(out))
+        """
+    out = run_python(code, tmp_path / "root")
+    default = out["default"]
+    assert default["source"] == "default" and default["dir"] == out["expected"]
+    assert out["expected"].startswith(str(tmp_path / "root" / "xla")) and out["expected"].endswith(out["key"])
+    assert len(out["key"]) == 16 and (tmp_path / "root" / "xla").is_dir()
+    assert default["max"] == determinism.DEFAULT_COMPILE_CACHE_BYTES
+    assert default["info"]["state"] == "enabled" and default["info"]["chosen_by"] == "default"
+    assert str(tmp_path) not in json.dumps(default["info"])
+    assert out["folder"]["dir"] == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+    assert out["folder"]["info"]["chosen_by"] == "folder"
+    assert out["none"]["info"]["state"] == "disabled" and out["none"]["info"]["chosen_by"] == "none"
+    assert out["environment"] == "environment"
+
+
+def test_cpu_type_key_is_stable_and_hex():
+    key = determinism.cpu_type_key()
+    assert key == determinism.cpu_type_key() and len(key) == 16 and int(key, 16) >= 0

@@ -37,11 +37,26 @@ def _train(config_path, out, *extra):
     return result_line(detjax_train(config_path, out, *extra, env=_env(), timeout=600))
 
 
-def test_two_fresh_processes_give_identical_final_hashes(config_path, reference_run, tmp_path):
+def test_fresh_processes_give_identical_final_hashes_with_and_without_the_compile_cache(
+        config_path, reference_run, tmp_path):
+    """The reference run compiled without any cache; the second compiles afresh into the
+    CLI's default per-user cache (empty), the third reads every program back from it."""
     _, first = reference_run
-    second = _train(config_path, tmp_path / "second")
-    assert second["final_sha256"] == first["final_sha256"]
-    assert second["init_sha256"] == first["init_sha256"]
+    env = {k: v for k, v in _env().items() if k != "JAX_ENABLE_COMPILATION_CACHE"}
+    env.update(DETJAX_CACHE_DIR=str(tmp_path / "user-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    runs = []
+    for name in ("cold-cache", "warm-cache"):
+        runs.append(result_line(detjax_train(config_path, tmp_path / name, env=env, timeout=600)))
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["environment"]["compile_cache"]["chosen_by"] == "default"
+        stored = sorted(p.name for p in (tmp_path / "user-cache" / "xla").rglob("*-cache"))
+        if name == "cold-cache":
+            entries = stored
+            assert entries, "the default cache stored no program"
+    assert stored == entries  # the warm run compiled nothing new: every program came from the cache
+    for run in runs:
+        assert run["final_sha256"] == first["final_sha256"]
+        assert run["init_sha256"] == first["init_sha256"]
 
 
 def test_manifest_records_the_environment(reference_run):
@@ -53,10 +68,12 @@ def test_manifest_records_the_environment(reference_run):
     assert manifest["data_fingerprint"]["sha256"]
 
 
-def test_verify_reports_identical(reference_run):
+def test_verify_reports_identical(reference_run, tmp_path):
     out, _ = reference_run
-    proc = _cli("verify", str(out))
+    proc = _cli("verify", str(out), "--out", str(tmp_path / "rerun"))
     assert proc.stdout.strip().splitlines()[-1] == "identical"
+    rerun = json.loads((tmp_path / "rerun" / "manifest.json").read_text())
+    assert rerun["environment"]["compile_cache"]["chosen_by"] == "none"  # re-derived, not read back
 
 
 def test_verify_refuses_a_manifest_that_disagrees_with_the_stored_state(copy_of):

@@ -672,8 +672,10 @@ def use_compile_cache(choice: str | os.PathLike = "auto") -> str:
     * ``"none"``: no cache, every program compiled afresh (``"none"``);
     * any other value: that folder, created if missing, not size-limited (``"folder"``).
 
-    Call it before the first compile (JAX opens its cache once). The fingerprint records the
-    returned word (``compile_cache.chosen_by``), never the path.
+    Where it turns the cache on, XLA's own GPU kernel and autotune caches stay off, so a compile
+    sees the same options with or without the cache. Call it before the first compile (JAX
+    opens its cache once). The fingerprint records the returned word
+    (``compile_cache.chosen_by``), never the path.
     """
     import jax
 
@@ -699,6 +701,9 @@ def use_compile_cache(choice: str | os.PathLike = "auto") -> str:
             jax.config.update("jax_compilation_cache_max_size", DEFAULT_COMPILE_CACHE_BYTES)
         jax.config.update("jax_enable_compilation_cache", True)
         jax.config.update("jax_compilation_cache_dir", str(folder.absolute()))
+        # Whole executables only: XLA's own GPU kernel and autotune caches, which JAX turns on
+        # with its cache, would make a compile's options differ from an uncached compile's.
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     _compile_cache_source = source
     return source
 

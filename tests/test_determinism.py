@@ -357,7 +357,8 @@ def test_use_compile_cache_follows_the_choice_and_records_who_chose(tmp_path):
             os.environ.pop(name, None)
         def now(source):
             return {{"source": source, "dir": jax.config.jax_compilation_cache_dir,
-                    "max": jax.config.jax_compilation_cache_max_size, "info": d._compile_cache_info()}}
+                    "max": jax.config.jax_compilation_cache_max_size, "info": d._compile_cache_info(),
+                    "xla_caches": jax.config.jax_persistent_cache_enable_xla_caches}}
         out = {{"default": now(d.use_compile_cache("auto")), "expected": str(d.default_compile_cache_dir()),
                "key": d.cpu_type_key()}}
         out["folder"] = now(d.use_compile_cache({str(tmp_path / "mine")!r}))
@@ -371,7 +372,7 @@ def test_use_compile_cache_follows_the_choice_and_records_who_chose(tmp_path):
     assert default["source"] == "default" and default["dir"] == out["expected"]
     assert out["expected"].startswith(str(tmp_path / "root" / "xla")) and out["expected"].endswith(out["key"])
     assert len(out["key"]) == 16 and (tmp_path / "root" / "xla").is_dir()
-    assert default["max"] == determinism.DEFAULT_COMPILE_CACHE_BYTES
+    assert default["max"] == determinism.DEFAULT_COMPILE_CACHE_BYTES and default["xla_caches"] == "none"
     assert default["info"]["state"] == "enabled" and default["info"]["chosen_by"] == "default"
     assert str(tmp_path) not in json.dumps(default["info"])
     assert out["folder"]["dir"] == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()

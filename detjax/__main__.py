@@ -54,14 +54,9 @@ def _load_config_file(path: Path):
 
 
 def cmd_run(args) -> int:
-    from detjax.cli import check_compile_cache, check_out_dir, check_resume_target, configure_process
+    from detjax.cli import configure_process, validate_common
 
-    # Everything that needs no JAX is checked before the process is configured.
-    check_out_dir(args.out)
-    check_resume_target(args.out, args.resume)
-    check_compile_cache(args.compile_cache)
-    if args.allow_device_change and not args.resume:
-        raise ValueError("--allow-device-change only applies with --resume")
+    validate_common(args)  # everything that needs no JAX, before the process is configured
     # TrainConfig and the run directory need JAX imported, not started: still before configure.
     config = _load_config_file(Path(args.config))
     from detjax.cli import check_run_dir
@@ -202,7 +197,7 @@ class _VerifyStop(Exception):
 
 def _check_verify_args(args) -> Path:
     """Validates ``verify``'s arguments before any work; the absolute run directory.
-    Raises :class:`~detjax.cli.UsageError` or :class:`FileNotFoundError`."""
+    Raises :class:`~detjax.cli.UsageError`."""
     from detjax.cli import UsageError, check_out_dir
 
     run_dir = Path(args.run_dir).absolute()
@@ -213,10 +208,7 @@ def _check_verify_args(args) -> Path:
         out_path = Path(args.out).absolute()
         if out_path.exists() and any(out_path.iterdir()):
             raise UsageError(f"--out {out_path} is not empty; the re-run needs a new or empty folder")
-    if not (run_dir / "manifest.json").exists():
-        raise FileNotFoundError(f"{run_dir / 'manifest.json'} does not exist: {run_dir} is not a detjax run "
-                                "directory")
-    return run_dir
+    return run_dir  # a missing manifest.json: read_manifest's FileNotFoundError names it
 
 
 def _verifiable_manifest(run_dir: Path) -> dict:

@@ -36,7 +36,7 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 
@@ -239,22 +239,24 @@ class Checkpointer:
             atomicity.AtomicRenameTemporaryPath.finalize = original
         kill_point("checkpoint", step)  # should not be reached: orbax committed without a rename
 
-    def read_sidecar(self, step: int) -> dict[str, Any]:
-        _silence_late_echoes()  # a failing read's echoes can arrive while it is still failing
+    def _restore_items(self, step: int, describe: Callable[[str], str], **items: Any) -> dict[str, Any]:
+        """The ``items`` of checkpoint ``step``; a failed read becomes :class:`CheckpointCorruptError`
+        with ``describe(reason)``."""
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(detjax=ocp.args.JsonRestore()))
-            sidecar = restored["detjax"]
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as exc:  # orbax raises many types for unreadable directories
             failure = _short(exc)
-        else:
-            failure = None
-        if failure is not None:
-            _collect_quietly()
-            raise CheckpointCorruptError(
-                f"checkpoint {self.directory / str(step)} has no readable detjax sidecar "
-                f"({self.directory / str(step) / 'detjax'}: {failure})")
+        _collect_quietly()  # outside the except block: its frames can now be collected
+        raise CheckpointCorruptError(describe(failure))
+
+    def read_sidecar(self, step: int) -> dict[str, Any]:
+        _silence_late_echoes()  # a failing read's echoes can arrive while it is still failing
+        where = self.directory / str(step)
+        sidecar = self._restore_items(
+            step, lambda why: f"checkpoint {where} has no readable detjax sidecar ({where / 'detjax'}: {why})",
+            detjax=ocp.args.JsonRestore()).get("detjax")
         if not isinstance(sidecar, dict) or "state_sha256" not in sidecar:
-            raise CheckpointCorruptError(f"checkpoint {self.directory / str(step)}: sidecar is malformed")
+            raise CheckpointCorruptError(f"checkpoint {where}: sidecar is malformed")
         return sidecar
 
     def check_compatible(self, sidecar: dict[str, Any], step: int) -> None:
@@ -278,17 +280,9 @@ class Checkpointer:
         sidecar = self.read_sidecar(step)
         self.check_compatible(sidecar, step)
         where = self.directory / str(step)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state_target),
-                best=ocp.args.StandardRestore(best_target)))
-        except Exception as exc:
-            failure = _short(exc)
-        else:
-            failure = None
-        if failure is not None:  # outside the except block: its frames can now be collected
-            _collect_quietly()
-            raise CheckpointCorruptError(f"checkpoint {where} could not be restored ({failure})")
+        restored = self._restore_items(step, lambda why: f"checkpoint {where} could not be restored ({why})",
+                                       state=ocp.args.StandardRestore(state_target),
+                                       best=ocp.args.StandardRestore(best_target))
         for item, tree in (("state", restored["state"]), ("best", restored["best"])):
             try:
                 actual = hashing.tree_sha256(tree)

@@ -313,8 +313,9 @@ def add_cpu_kernels_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_common(args: argparse.Namespace) -> None:
-    """The path checks of :func:`add_common_flags`' flags (the numbers are checked by argparse)."""
-    check_data_dir(args.data_dir)
+    """The path checks of :func:`add_common_flags`' flags (the numbers are checked by argparse);
+    also serves ``python -m detjax run``, which has no ``--data-dir``."""
+    check_data_dir(getattr(args, "data_dir", None))
     check_out_dir(args.out if args.out is not None else "runs")  # the default run directory goes there
     check_resume_target(args.out, args.resume)
     check_compile_cache(args.compile_cache)

@@ -68,6 +68,7 @@ __all__ = [
     "cpu_kernel_flags",
     "COMPILE_CACHE_CHOICES",
     "DEFAULT_COMPILE_CACHE_BYTES",
+    "cache_root",
     "configure",
     "cpu_type_key",
     "default_compile_cache_dir",
@@ -155,14 +156,18 @@ def _flag_values(tokens: list[str]) -> dict[str, str]:
     return values
 
 
-def _cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$DETJAX_CACHE_DIR``, else ``~/.cache/detjax``: detjax's per-user caches."""
-    base = cache_dir or os.environ.get("DETJAX_CACHE_DIR")
-    return Path(base) if base else Path.home() / ".cache" / "detjax"
+ENV_CACHE_DIR = "DETJAX_CACHE_DIR"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """detjax's per-user cache folder (flag probes, compiled programs, decoded data):
+    ``cache_dir``, else ``$DETJAX_CACHE_DIR``, else ``~/.cache/detjax`` (``~`` expanded)."""
+    base = cache_dir if cache_dir is not None else os.environ.get(ENV_CACHE_DIR)
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "detjax"
 
 
 def _cache_path(cache_dir: str | os.PathLike | None) -> Path:
-    base = _cache_root(cache_dir)
+    base = cache_root(cache_dir)
     plugins = sorted(
         f"{d.metadata['Name']}=={d.version}"
         for d in importlib.metadata.distributions()
@@ -651,10 +656,9 @@ def cpu_type_key() -> str:
     return hashlib.sha256("\n".join(fields).encode()).hexdigest()[:16]
 
 
-def default_compile_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``<cache root>/xla/<machine>-<cpu_type_key()>`` (cache root: ``cache_dir``, else
-    ``$DETJAX_CACHE_DIR``, else ``~/.cache/detjax``)."""
-    return _cache_root(cache_dir) / "xla" / f"{platform.machine()}-{cpu_type_key()}"
+def default_compile_cache_dir() -> Path:
+    """``<cache_root()>/xla/<machine>-<cpu_type_key()>``."""
+    return cache_root() / "xla" / f"{platform.machine()}-{cpu_type_key()}"
 
 
 def use_compile_cache(choice: str | os.PathLike = "auto") -> str:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from detjax.train import TrainConfig
 
-__all__ = ["ptbxl", "cinc2017", "medmnist", "synthetic", "af_transfer", "RECIPES", "get_config", "recipe_arguments"]
+__all__ = ["ptbxl", "cinc2017", "medmnist", "synthetic", "af_transfer", "RECIPES", "get_config"]
 
 
 def _absolute(folder: str | Path | None) -> str | None:
@@ -163,18 +163,6 @@ RECIPES: dict[str, Callable[..., TrainConfig]] = {
 }
 
 
-def recipe_arguments(task: str) -> tuple[str, ...]:
-    """The named arguments the recipe of ``task`` takes."""
-    return tuple(inspect.signature(_recipe(task)).parameters)
-
-
-def _recipe(task: str) -> Callable[..., TrainConfig]:
-    try:
-        return RECIPES[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; recipes exist for {sorted(RECIPES)}") from None
-
-
 def get_config(task: str, **arguments: Any) -> TrainConfig:
     """The config of ``task``'s recipe with ``arguments``; ``"medmnist:<flag>"`` names the set.
 
@@ -182,7 +170,9 @@ def get_config(task: str, **arguments: Any) -> TrainConfig:
     ``None`` are dropped, so callers can pass optional flags through unchanged.
     """
     task, _, flag = task.partition(":")
-    recipe = _recipe(task)
+    if task not in RECIPES:
+        raise ValueError(f"unknown task {task!r}; recipes exist for {sorted(RECIPES)}")
+    recipe = RECIPES[task]
     if flag:
         if task != "medmnist":
             raise ValueError(f"task {task!r} takes no ':' suffix (only medmnist:<flag> does)")

@@ -34,11 +34,10 @@ from typing import Any
 import numpy as np
 
 from detjax.data import _download
+from detjax.determinism import ENV_CACHE_DIR, cache_root  # the one per-user cache folder
 
-__all__ = ["ENV_CACHE_DIR", "resolve_data_dir", "default_cache_dir", "cache_root", "wfdb_files",
+__all__ = ["ENV_CACHE_DIR", "resolve_data_dir", "require_file", "default_cache_dir", "cache_root", "wfdb_files",
            "content_key", "fingerprint", "read_cache", "write_cache", "load_or_build", "check_cached_signals"]
-
-ENV_CACHE_DIR = "DETJAX_CACHE_DIR"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None, *, what: str, hint: str, env: str | None = None,
@@ -63,15 +62,16 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None, *, what: str, hint
     return path, kind
 
 
+def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file; otherwise ``FileNotFoundError`` ("``what`` not found", ``path``)."""
+    if not path.is_file():
+        raise FileNotFoundError(2, f"{what} not found", str(path))
+    return path
+
+
 def default_cache_dir() -> Path:
     """``$DETJAX_CACHE_DIR`` if set, else ``~/.cache/detjax``."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "detjax"
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    """``cache_dir`` (``~`` expanded), or :func:`default_cache_dir` for ``None``."""
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return cache_root(None)
 
 
 def wfdb_files(record: Path, signal_ext: str) -> list[Path]:

@@ -300,9 +300,7 @@ def read_reference(
     ``FileNotFoundError`` naming the records whose ``.hea`` or ``.mat`` is missing from
     ``data_dir`` (default: the label file's folder).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(2, "CinC 2017 label file not found", str(path))
+    path = cache.require_file(Path(path), "CinC 2017 label file")
     lines = path.read_text(encoding="utf-8-sig").splitlines()  # tolerate a BOM
     rows = _labelled_rows(path, enumerate((ln.split(",") if ln.strip() else [] for ln in lines), start=1),
                           "record,label")
@@ -472,9 +470,7 @@ def read_folds(path: str | os.PathLike[str] | None = None) -> tuple[tuple[str, .
     The header must be ``record,label,fold``; labels in :data:`CLASSES`, folds integers
     ``1..10``, records unique (``ValueError`` naming the file and line otherwise).
     """
-    path = vendored_folds_path() if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(2, "CinC 2017 folds file not found", str(path))
+    path = cache.require_file(vendored_folds_path() if path is None else Path(path), "CinC 2017 folds file")
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     if not rows or tuple(c.strip() for c in rows[0]) != FOLDS_HEADER:
@@ -712,8 +708,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         raise ValueError(f"y_true must hold class indices 0..{k - 1} ({', '.join(CLASSES)}), "
                          f"got dtype {y.dtype}, values {sorted(set(np.unique(y).tolist()))[:8]}")
     one_hot = (y[:, None] == np.arange(k)[None, :]).astype(np.float32)
-    per = metrics.per_class_auc(one_hot, scores)  # also rejects NaN/inf scores
-    macro = metrics.macro_auc(per)
+    aucs = metrics.multilabel_auc_report(one_hot, scores, CLASSES)  # also rejects NaN/inf scores
     pred = np.argmax(scores, axis=1)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (y, pred), 1)
@@ -722,9 +717,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         denominator = int(confusion[c, :].sum() + confusion[:, c].sum())
         f1[name] = 2.0 * float(confusion[c, c]) / denominator if denominator else 0.0
     return {
-        "score": macro,
-        "macro_auc": macro,
-        "per_class_auc": {name: auc for name, auc in zip(CLASSES, per)},
+        **aucs,
         "f1": f1,
         "challenge_f1": (f1["N"] + f1["A"] + f1["O"]) / 3.0,
         "acc": float(np.trace(confusion)) / float(y.shape[0]),

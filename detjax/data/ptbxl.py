@@ -169,12 +169,6 @@ def _check_sampling_rate(sampling_rate: int) -> int:
     return int(sampling_rate)
 
 
-def _require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(2, f"PTB-XL {what} not found", str(path))
-    return path
-
-
 # --------------------------------------------------------------------------- CSV files
 
 
@@ -185,7 +179,7 @@ def read_database(path: str | os.PathLike[str], *, sampling_rate: int = 100) -> 
     rate (``filename_lr`` for 100 Hz, ``filename_hr`` for 500 Hz). ``ecg_id`` must be
     unique integers and ``strat_fold`` integers in 1..10; otherwise ``ValueError``.
     """
-    path = _require_file(Path(path), "database file")
+    path = cache.require_file(Path(path), "PTB-XL database file")
     column = SAMPLING_RATES[_check_sampling_rate(sampling_rate)]
     frame = pd.read_csv(path)
     missing = [c for c in (*_DB_COLUMNS, column) if c not in frame.columns]
@@ -214,7 +208,7 @@ def read_database(path: str | os.PathLike[str], *, sampling_rate: int = 100) -> 
 
 def read_scp_statements(path: str | os.PathLike[str]) -> pd.DataFrame:
     """``scp_statements.csv`` indexed by SCP code; needs a ``rhythm`` column."""
-    path = _require_file(Path(path), "SCP statements file")
+    path = cache.require_file(Path(path), "PTB-XL SCP statements file")
     frame = pd.read_csv(path, index_col=0)
     if "rhythm" not in frame.columns:
         raise ValueError(f"{path}: missing column 'rhythm' (has {list(frame.columns)})")

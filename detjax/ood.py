@@ -393,12 +393,16 @@ def robustness_table(per_arm: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict
 def study_robustness(study_dir: str | Path, *, shifts=None, log=print) -> dict[str, Any]:
     """:func:`evaluate_run` for every finished member ``study_dir/<arm>/seed-<s>`` (writing each
     member's ``ood.json``), then :func:`robustness_table` per arm."""
+    from detjax.study import member_dir, stored_spec
+
     study_dir = Path(study_dir)
-    spec = json.loads((study_dir / "study_spec.json").read_text())
+    spec = stored_spec(study_dir)
+    if spec is None:
+        raise FileNotFoundError(2, "no seed study here (no study_spec.json)", str(study_dir))
     per_arm: dict[str, list] = {}
-    for arm in spec["arms"]:
-        for seed in spec["seeds"]:
-            member = study_dir / arm / f"seed-{int(seed)}"
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            member = member_dir(study_dir, arm, seed)
             if not (member / "result.json").exists():
                 continue
             path = member / "ood.json"

@@ -29,7 +29,7 @@ from detjax import manifest as manifest_lib
 from detjax import stats
 from detjax.train import TrainConfig
 
-__all__ = ["PAPER_SEEDS", "StudySpec", "StudyError", "member_config", "member_dir", "run_study",
+__all__ = ["PAPER_SEEDS", "StudySpec", "StudyError", "member_config", "member_dir", "stored_spec", "run_study",
            "collect", "analyse", "report", "write_report", "markdown_tables"]
 
 #: The seeds of the paper's n = 20 studies; ``--seeds N`` takes the first N.
@@ -182,12 +182,18 @@ def _finished_cv(out: Path, spec: StudySpec, arm: str, seed: int) -> dict | None
     }
 
 
+def stored_spec(out: str | Path) -> StudySpec | None:
+    """The :class:`StudySpec` the study in ``out`` recorded (``study_spec.json``); ``None`` if none."""
+    path = Path(out) / "study_spec.json"
+    return StudySpec.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
 def _check_spec(out: Path, spec: StudySpec) -> None:
     """Refuses a directory of a study with another task/epochs/options (seeds and arms may grow)."""
-    path = out / "study_spec.json"
-    if not path.exists():
+    stored = stored_spec(out)
+    if stored is None:
         return
-    previous = StudySpec.from_dict(json.loads(path.read_text())).to_dict()
+    previous = stored.to_dict()
     fixed = ("task", "epochs", "options", "cv")
     now = spec.to_dict()
     changed = [k for k in fixed if previous.get(k) != now.get(k)]
@@ -250,10 +256,9 @@ def report(out: str | Path) -> dict[str, Any]:
     """Re-analyses the study in ``out`` (its ``study_spec.json`` and finished members) and
     rewrites the report; no training."""
     out = Path(out)
-    path = out / "study_spec.json"
-    if not path.exists():
+    spec = stored_spec(out)
+    if spec is None:
         raise StudyError(f"{out} holds no study (no study_spec.json)")
-    spec = StudySpec.from_dict(json.loads(path.read_text()))
     summary = analyse(collect(out, spec), spec)
     write_report(summary, out)
     return summary

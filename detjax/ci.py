@@ -39,10 +39,10 @@ import subprocess
 import sys
 import time
 
+from detjax.determinism import GPU_PLATFORMS  # no JAX import at module load
 from detjax.manifest import write_json_atomic
 
 ARCHS = ("conformer", "baseline", "resnet18", "tiny")
-GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 NO_POWER = "control has no demonstrated power"
 EXIT_WRONG_PLATFORM = 3
 

@@ -722,9 +722,7 @@ def _compile_cache_info() -> dict:
     used = enabled and bool(directory)
     return {"state": "enabled" if used else "disabled", "jax_enable_compilation_cache": enabled,
             "cache_dir_set": bool(directory), "chosen_by": _compile_cache_source,
-            "env": sorted(k for k in os.environ
-                          if k in ("JAX_ENABLE_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")
-                          or k.startswith("JAX_PERSISTENT_CACHE_"))}
+            "env": sorted(k for k in os.environ if k in _JAX_CACHE_ENV or k.startswith("JAX_PERSISTENT_CACHE_"))}
 
 
 def environment_fingerprint() -> dict:
